@@ -1,0 +1,537 @@
+"""Shared pieces of vip: configuration, the ReDPO loss, video I/O, the VideoScore reward, the
+AnimateDiff backend (load, prune motion modules, count, save/load students) and tiny offline models.
+
+`train_redpo.py` needs only this file (plus torch, diffusers, transformers, accelerate), so the two
+can be copied into another project together.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+
+# -----------------------------------------------------------------------------
+# Configuration: one YAML per model with a section per stage, CLI flags override it.
+
+
+class ConfigError(ValueError):
+    """Bad user input: the scripts print it as one line and exit with status 2."""
+
+
+SECTIONS = ("model", "reward", "prune", "curate", "train", "eval")
+
+MODEL_OPTIONS = {
+    "backend": ("animatediff", "model family; only 'animatediff' so far"),
+    "pretrained_model_name_or_path": ("stable-diffusion-v1-5/stable-diffusion-v1-5",
+                                      "SD1.5 base: hub id or local folder (unet, vae, text_encoder, tokenizer, scheduler)"),
+    "motion_adapter": ("guoyww/animatediff-motion-adapter-v1-5-2", "motion adapter: hub id or local folder"),
+    "build_tiny": (False, "build random tiny models at the two paths above when missing (tests, CPU demo)"),
+    "num_frames": (16, "frames per generated video"),
+    "height": (512, "video height in pixels"),
+    "width": (512, "video width in pixels"),
+    "num_inference_steps": (25, "DDIM steps per video"),
+    "guidance_scale": (7.5, "classifier-free guidance scale"),
+    "fps": (8, "frame rate of the MP4s written"),
+}
+
+REWARD_OPTIONS = {
+    "reward": ("videoscore", "reward model family: videoscore"),
+    "reward_model": ("TIGER-Lab/VideoScore-v1.1", "VideoScore hub id or local folder"),
+    "reward_num_frames": (None, "frames the reward sees (default: 48 for v1.1, 16 for v1)"),
+    "reward_batch_size": (4, "videos per reward forward"),
+}
+
+
+def _coerce(value, default, where):
+    """Cast a YAML or CLI value to the type of its default, so a typo fails here, not mid-run."""
+    if value is None or default is None:
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    try:
+        if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, (list, tuple)):
+            value = yaml.safe_load(value) if isinstance(value, str) else value
+            if not isinstance(value, list):
+                raise ValueError
+            return value
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected {type(default).__name__}, got {value!r}") from None
+    return value
+
+
+def parse_config(argv, description, sections):
+    """Build the argparse flags of `sections` ({section: {key: (default, help)}}), read `--config`
+    and apply CLI overrides. Returns a flat Namespace; `ns._sections` keeps the YAML shape.
+
+    Precedence: CLI flag > YAML value > default. Unknown YAML sections or keys are an error that
+    lists the valid ones. Keys are unique across sections so flags can stay flat, as in diffusers.
+    """
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=str, default=None, help="YAML config (configs/<model>.yaml)")
+    for section, options in sections.items():
+        group = parser.add_argument_group(section)
+        for key, (default, help_text) in options.items():
+            group.add_argument(f"--{key}", type=str, default=None, help=f"{help_text} (default: {default})")
+    cli = parser.parse_args(argv)
+
+    values = {}
+    if cli.config is not None:
+        path = cli.config
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections {list(SECTIONS)}")
+        for section, body in data.items():
+            if section not in SECTIONS:
+                raise ConfigError(f"{path}: unknown section '{section}'; valid sections: {', '.join(SECTIONS)}")
+            if section not in sections:
+                continue  # another stage's settings
+            if not isinstance(body, dict):
+                raise ConfigError(f"{path}: section '{section}' must be a mapping of key: value")
+            for key, value in body.items():
+                if key not in sections[section]:
+                    raise ConfigError(f"{path}: unknown key '{section}.{key}'; valid keys: "
+                                      f"{', '.join(sections[section])}")
+                values[key] = _coerce(value, sections[section][key][0], f"{path}: {section}.{key}")
+
+    ns = argparse.Namespace(config=cli.config)
+    ns._sections = {}
+    for section, options in sections.items():
+        ns._sections[section] = {}
+        for key, (default, _) in options.items():
+            value = values.get(key, default)
+            cli_value = getattr(cli, key)
+            if cli_value is not None:
+                value = _coerce(cli_value, default, f"--{key}")
+                if default is None:
+                    value = yaml.safe_load(cli_value)
+            setattr(ns, key, value)
+            ns._sections[section][key] = value
+    return ns
+
+
+def config_dict(args):
+    """The resolved config in YAML shape, refreshed from the Namespace (scripts may fill values)."""
+    return {s: {k: getattr(args, k) for k in keys} for s, keys in args._sections.items()}
+
+
+def save_config(args, path):
+    atomic_write_text(path, yaml.safe_dump(config_dict(args), sort_keys=False))
+
+
+def run_main(main, parse_args):
+    """Entry point: bad input is one line on stderr and exit status 2, not a traceback."""
+    try:
+        main(parse_args())
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# -----------------------------------------------------------------------------
+# Files: every artifact is written under a temporary name and renamed into place.
+
+
+def tmp_name(path):
+    path = Path(path)
+    return path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; rename it into place only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_name(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path, text):
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text)
+
+
+def atomic_write_json(path, obj):
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+# -----------------------------------------------------------------------------
+# ReDPO loss (pure: tensors in, tensor and float metrics out)
+
+LOSS_TYPES = ("redpo", "dpo", "sft")
+
+
+def per_sample_mse(a, b):
+    """Mean of (a - b)^2 over every non-batch dim: one value per sample (C, F, H and W all averaged)."""
+    return (a - b).pow(2).flatten(1).mean(dim=1)
+
+
+def redpo_loss(model_pred, ref_pred, target, *, beta, w_sft, loss_type="redpo"):
+    """ReDPO = Diffusion-DPO + w_sft * SFT, with the frozen teacher M0 as the reference of both terms.
+
+    model_pred, ref_pred, target: (2B, ...) with the B winners first, then the B losers (the
+    Diffusion-DPO layout); each winner/loser pair shares its noise and timestep. `ref_pred` is the
+    teacher's prediction and gets no gradient. Everything is computed in float32.
+
+        logits = -beta * ((mse(model_w, tgt_w) - mse(ref_w, tgt_w)) - (mse(model_l, tgt_l) - mse(ref_l, tgt_l)))
+        dpo    = -logsigmoid(logits).mean()
+        sft    = mse(model_w, ref_w).mean()          (winners only)
+        loss   = dpo + w_sft * sft  ("redpo") | dpo ("dpo") | sft ("sft")
+
+    `beta` has no 0.5 factor: it equals 0.5 x Diffusion-DPO's `beta_dpo` (their 5000 is 2500 here).
+    The teacher is not the student's initialisation, so the DPO term does not start at log 2.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}; got {loss_type!r}")
+    if not (model_pred.shape == ref_pred.shape == target.shape):
+        raise ValueError(f"shapes differ: model {tuple(model_pred.shape)}, ref {tuple(ref_pred.shape)}, "
+                         f"target {tuple(target.shape)}")
+    if model_pred.ndim < 2 or model_pred.shape[0] % 2:
+        raise ValueError(f"expected (2B, ...) with B winners then B losers; got shape {tuple(model_pred.shape)}")
+    model_pred, target = model_pred.float(), target.float()
+    ref_pred = ref_pred.detach().float()
+
+    model_mse = per_sample_mse(model_pred, target)
+    ref_mse = per_sample_mse(ref_pred, target)
+    model_w, model_l = model_mse.chunk(2)
+    ref_w, ref_l = ref_mse.chunk(2)
+    logits = -beta * ((model_w - ref_w) - (model_l - ref_l))
+    dpo = -F.logsigmoid(logits).mean()
+    n = model_pred.shape[0] // 2
+    sft = per_sample_mse(model_pred[:n], ref_pred[:n]).mean()
+    loss = {"redpo": dpo + w_sft * sft, "dpo": dpo, "sft": sft}[loss_type]
+
+    metrics = {
+        "loss": loss.item(),
+        "dpo_loss": dpo.item(),
+        "sft_loss": sft.item(),
+        "implicit_acc": (logits > 0).float().mean().item(),
+        "reward_margin": (logits.mean() / beta).item() if beta else 0.0,
+        "model_mse_w": model_w.mean().item(),
+        "model_mse_l": model_l.mean().item(),
+        "ref_mse_w": ref_w.mean().item(),
+        "ref_mse_l": ref_l.mean().item(),
+    }
+    return loss, metrics
+
+
+# -----------------------------------------------------------------------------
+# Video files
+
+
+def write_video(path, frames, fps=8):
+    """Write uint8 frames (F, H, W, 3) as an H.264 MP4, atomically."""
+    import imageio.v2 as imageio
+
+    with atomic_path(path) as tmp:
+        imageio.mimwrite(tmp, list(frames), fps=fps, codec="libx264", macro_block_size=2,
+                         output_params=["-crf", "18"])
+
+
+# -----------------------------------------------------------------------------
+# AnimateDiff backend: SD1.5 + motion adapter; the prunable blocks are the 21 motion modules.
+
+
+class RemovedBlock(nn.Module):
+    """Stands in for a removed motion module. Motion modules are residual (proj_out(...) + input),
+    so the identity is exactly 'the block is gone'; deleting it from its ModuleList instead would
+    break the zip(resnets, attentions, motion_modules) pairing inside the up blocks."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+def _motion_module_names(unet):
+    """Every motion module's path, in forward order (down, mid, up), removed or not."""
+    def names(prefix, block):
+        return [f"{prefix}.motion_modules.{j}" for j in range(len(getattr(block, "motion_modules", [])))]
+
+    down = [n for i, b in enumerate(unet.down_blocks) for n in names(f"down_blocks.{i}", b)]
+    up = [n for i, b in enumerate(unet.up_blocks) for n in names(f"up_blocks.{i}", b)]
+    return down + names("mid_block", unet.mid_block) + up
+
+
+def list_blocks(unet):
+    """The prunable blocks still present, in forward order: [{"name", "params"}]."""
+    blocks = []
+    for name in _motion_module_names(unet):
+        module = unet.get_submodule(name)
+        if not isinstance(module, RemovedBlock):
+            blocks.append({"name": name, "params": count_parameters(module)})
+    return blocks
+
+
+def removed_blocks(unet):
+    return [n for n in _motion_module_names(unet) if isinstance(unet.get_submodule(n), RemovedBlock)]
+
+
+def _check_block_names(unet, names):
+    valid = _motion_module_names(unet)
+    for name in names:
+        if name not in valid:
+            raise ConfigError(f"unknown block '{name}'; valid blocks look like {valid[0]} ... {valid[-1]}")
+
+
+def remove_blocks(unet, names):
+    """Replace the named motion modules with identities, in place. Returns the removed modules."""
+    _check_block_names(unet, names)
+    old = {}
+    for name in names:
+        parent, index = name.rsplit(".", 1)
+        old[name] = unet.get_submodule(parent)[int(index)]
+        unet.get_submodule(parent)[int(index)] = RemovedBlock()
+    return old
+
+
+@contextlib.contextmanager
+def blocks_removed(unet, names):
+    """Remove blocks for the duration of the block (the block scan in prune.py), then put them back."""
+    old = remove_blocks(unet, names)
+    try:
+        yield unet
+    finally:
+        for name, module in old.items():
+            parent, index = name.rsplit(".", 1)
+            unet.get_submodule(parent)[int(index)] = module
+
+
+def count_parameters(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def motion_parameters(unet):
+    """Parameters of the motion modules still present: the paper's AnimateDiff count (0.453B full)."""
+    return sum(b["params"] for b in list_blocks(unet))
+
+
+def denoise_inputs(unet, batch_size, num_frames, height, width, vae_scale_factor=8, device=None, dtype=None):
+    """Random inputs of one UNet call: latents (B, C, F, h, w), a timestep, and text embeddings
+    repeated per frame (B*F, 77, D): UNetMotionModel does not repeat them itself, the pipeline does."""
+    h, w = height // vae_scale_factor, width // vae_scale_factor
+    sample = torch.randn(batch_size, unet.config.in_channels, num_frames, h, w, device=device, dtype=dtype)
+    text = torch.randn(batch_size * num_frames, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)
+    return sample, torch.tensor([500], device=device), text
+
+
+def count_flops(unet, num_frames, height, width, batch_size=1, vae_scale_factor=8):
+    """FLOPs of one UNet call (one denoising step, no guidance) for `batch_size` videos.
+
+    Counted with torch.utils.flop_counter on a meta-device copy: no memory, no compute, any size,
+    and attention counted as its matmuls (CPU's fused attention kernel has no FLOP formula)."""
+    from diffusers import UNetMotionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = {k: v for k, v in unet.config.items() if k != "_use_default_values"}
+    with torch.device("meta"):
+        ghost = UNetMotionModel.from_config(config)
+    remove_blocks(ghost, removed_blocks(unet))
+    h, w = height // vae_scale_factor, width // vae_scale_factor
+    with torch.device("meta"):
+        sample = torch.empty(batch_size, unet.config.in_channels, num_frames, h, w)
+        text = torch.empty(batch_size * num_frames, 77, unet.config.cross_attention_dim)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        ghost(sample, torch.tensor([500], device="meta"), text)
+    return counter.get_total_flops()
+
+
+def _same_model(a, b):
+    """Hub ids compare as written; local folders by absolute path."""
+    norm = lambda p: os.path.abspath(p) if os.path.exists(p) else p  # noqa: E731
+    return norm(str(a)) == norm(str(b))
+
+
+def load_unet(args, student=None, dtype=None):
+    """The UNetMotionModel of `args` (SD1.5 UNet + motion adapter); with `student`, a folder written
+    by `save_student`, its blocks removed and its weights loaded."""
+    from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
+
+    meta = None
+    if student is not None:
+        meta = read_student_meta(student)
+        for key in ("pretrained_model_name_or_path", "motion_adapter"):
+            if not _same_model(meta[key], getattr(args, key)):
+                raise ConfigError(f"{student}/student.json: {key} is {meta[key]!r} but the config's is "
+                                  f"{getattr(args, key)!r}; expected a student of the configured base model")
+    if args.build_tiny:
+        build_tiny_animatediff(args.pretrained_model_name_or_path, args.motion_adapter)
+    unet2d = UNet2DConditionModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet",
+                                                  torch_dtype=dtype)
+    adapter = MotionAdapter.from_pretrained(args.motion_adapter, torch_dtype=dtype)
+    unet = UNetMotionModel.from_unet2d(unet2d, adapter)
+    if meta is not None:
+        remove_blocks(unet, meta["removed_blocks"])
+        from safetensors.torch import load_file
+
+        state = load_file(os.path.join(student, "student.safetensors"))
+        missing, unexpected = unet.load_state_dict(state, strict=False)
+        expected = set(_student_state(unet, meta["weights"]))
+        if unexpected or expected & set(missing):
+            raise ConfigError(f"{student}/student.safetensors: does not match student.json "
+                              f"({len(unexpected)} unexpected, {len(expected & set(missing))} missing tensors)")
+    return unet
+
+
+def _student_state(unet, weights):
+    state = unet.state_dict()
+    if weights == "motion_modules":
+        state = {k: v for k, v in state.items() if ".motion_modules." in k}
+    return state
+
+
+def read_student_meta(student):
+    path = os.path.join(student, "student.json")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except OSError:
+        raise ConfigError(f"{path}: missing; expected a student folder written by train_redpo.py or prune.py") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    need = ("backend", "pretrained_model_name_or_path", "motion_adapter", "removed_blocks", "weights")
+    if not isinstance(meta, dict) or any(k not in meta for k in need):
+        raise ConfigError(f"{path}: expected a JSON object with keys {', '.join(need)}")
+    return meta
+
+
+def save_student(unet, out_dir, args, weights="motion_modules", extra=None):
+    """Save a student: `student.safetensors` (the motion modules, or the whole UNet with
+    weights="unet") and `student.json` naming the base model and the removed blocks. The JSON is
+    written last, so a folder with it is complete."""
+    from safetensors.torch import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in _student_state(unet, weights).items()}
+    with atomic_path(os.path.join(out_dir, "student.safetensors")) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    meta = {
+        "backend": "animatediff",
+        "pretrained_model_name_or_path": args.pretrained_model_name_or_path,
+        "motion_adapter": args.motion_adapter,
+        "removed_blocks": removed_blocks(unet),
+        "weights": weights,
+        "motion_parameters": motion_parameters(unet),
+        "unet_parameters": count_parameters(unet),
+        **(extra or {}),
+    }
+    atomic_write_json(os.path.join(out_dir, "student.json"), meta)
+
+
+def load_pipeline(args, unet, device=None, dtype=None):
+    """An AnimateDiffPipeline around `unet`, with the base model's VAE, text encoder and tokenizer
+    and AnimateDiff's DDIM settings (linear betas, no sample clipping)."""
+    from diffusers import AnimateDiffPipeline, AutoencoderKL, DDIMScheduler
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    base = args.pretrained_model_name_or_path
+    pipe = AnimateDiffPipeline(
+        vae=AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=dtype),
+        text_encoder=CLIPTextModel.from_pretrained(base, subfolder="text_encoder", torch_dtype=dtype),
+        tokenizer=CLIPTokenizer.from_pretrained(base, subfolder="tokenizer"),
+        unet=unet,
+        motion_adapter=None,
+        scheduler=DDIMScheduler.from_pretrained(base, subfolder="scheduler", beta_schedule="linear",
+                                                clip_sample=False, timestep_spacing="linspace", steps_offset=1),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def generate(pipe, prompts, seeds, args, return_latents=False):
+    """Generate one video per (prompt, seed): uint8 frames (B, F, H, W, 3), and with
+    `return_latents` the scaled VAE latents (B, C, F, h, w) the frames were decoded from."""
+    device = pipe._execution_device
+    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    latents = pipe(prompt=list(prompts), num_frames=args.num_frames, height=args.height, width=args.width,
+                   num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                   generator=generators, output_type="latent").frames
+    video = pipe.decode_latents(latents.to(device))
+    frames = ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    frames = frames.permute(0, 2, 3, 4, 1).cpu().numpy()  # (B, C, F, H, W) -> (B, F, H, W, C)
+    return (frames, latents.float().cpu()) if return_latents else frames
+
+
+# -----------------------------------------------------------------------------
+# Tiny offline models: the real classes and folder layouts at toy size, random weights, built
+# from configs and loaded back through the same from_pretrained calls as real checkpoints.
+
+
+def _tiny_clip_tokenizer():
+    """A CLIPTokenizer over CLIP's byte-level alphabet, with and without the end-of-word mark, and
+    no merges: every word is spelled out character by character (514 tokens)."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    chars = sorted(ByteLevel.alphabet())
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[], model_max_length=77)
+
+
+def build_tiny_animatediff(base_dir, adapter_dir, seed=0):
+    """Write a tiny SD1.5-layout folder and a tiny motion adapter folder, unless both exist.
+
+    UNet (32, 64) channels with 2 layers per block, so 11 motion modules (4 down, 1 mid, 6 up);
+    a 4-level VAE (scale factor 8, like SD's); a 2-layer CLIP text encoder."""
+    from diffusers import (AutoencoderKL, DDIMScheduler, MotionAdapter, StableDiffusionPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if os.path.exists(os.path.join(base_dir, "model_index.json")) and \
+            os.path.exists(os.path.join(adapter_dir, "config.json")):
+        return
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(32, 64), layers_per_block=2, norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=8, latent_channels=4, sample_size=64,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=77, bos_token_id=512, eos_token_id=513, pad_token_id=513))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    adapter = MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=2, motion_mid_block_layers_per_block=1,
+                            motion_num_attention_heads=2, motion_norm_num_groups=8, motion_max_seq_length=32)
+    import shutil
+
+    tmp = tmp_name(base_dir)
+    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=_tiny_clip_tokenizer(), unet=unet,
+                            scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(tmp)
+    adapter_tmp = tmp_name(adapter_dir)
+    adapter.save_pretrained(adapter_tmp)
+    for src, dst in ((tmp, base_dir), (adapter_tmp, adapter_dir)):
+        if os.path.exists(dst):
+            shutil.rmtree(dst)
+        os.replace(src, dst)

@@ -1,0 +1,79 @@
+"""Config: YAML sections + CLI overrides, unknown keys rejected. Run: python -m pytest -q tests/test_config.py"""
+import subprocess
+import sys
+
+import pytest
+
+import common
+from common import ConfigError, parse_config
+
+SECTIONS = {"model": common.MODEL_OPTIONS, "train": {"learning_rate": (1e-5, "lr"), "max_train_steps": (100, "steps"),
+                                                    "gradient_checkpointing": (False, "gc"), "output_dir": (None, "out")}}
+
+
+def write(tmp_path, text):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_precedence_cli_over_yaml_over_default(tmp_path):
+    path = write(tmp_path, "model:\n  num_frames: 8\ntrain:\n  learning_rate: 1e-4\n  max_train_steps: 7\n"
+                           "prune:\n  anything: 1\n")  # another stage's section is not this script's business
+    args = parse_config(["--config", path, "--max_train_steps", "9", "--gradient_checkpointing", "true"], "t", SECTIONS)
+    assert args.num_frames == 8 and args.height == 512  # YAML, default
+    assert args.learning_rate == pytest.approx(1e-4) and isinstance(args.learning_rate, float)
+    assert args.max_train_steps == 9 and args.gradient_checkpointing is True
+    assert common.config_dict(args)["train"] == {"learning_rate": 1e-4, "max_train_steps": 9,
+                                                 "gradient_checkpointing": True, "output_dir": None}
+
+
+def test_resolved_config_round_trips(tmp_path):
+    args = parse_config(["--config", write(tmp_path, "model:\n  width: 96\n"), "--output_dir", "a b/c"], "t", SECTIONS)
+    common.save_config(args, tmp_path / "out" / "config.yaml")
+    again = parse_config(["--config", str(tmp_path / "out" / "config.yaml")], "t", SECTIONS)
+    assert common.config_dict(again) == common.config_dict(args)
+    assert again.output_dir == "a b/c" and again.width == 96
+
+
+@pytest.mark.parametrize("text, message", [
+    ("train:\n  learnig_rate: 1\n", "unknown key 'train.learnig_rate'; valid keys: learning_rate, max_train_steps"),
+    ("trian:\n  x: 1\n", "unknown section 'trian'; valid sections: model, reward, prune, curate, train, eval"),
+    ("train:\n  max_train_steps: 1.5\n", "train.max_train_steps: expected int, got 1.5"),
+    ("model:\n  build_tiny: maybe\n", "model.build_tiny: expected true or false"),
+    ("- a\n- b\n", "expected a mapping of sections"),
+    ("model: [1, 2\n", "not valid YAML"),
+])
+def test_bad_config_names_file_and_field(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        parse_config(["--config", path], "t", SECTIONS)
+    assert str(e.value).startswith(path) and message in str(e.value)
+
+
+def test_bad_cli_value_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="--max_train_steps: expected int"):
+        parse_config(["--max_train_steps", "ten"], "t", SECTIONS)
+    with pytest.raises(ConfigError, match="nope.yaml: cannot read config"):
+        parse_config(["--config", str(tmp_path / "nope.yaml")], "t", SECTIONS)
+
+
+def test_run_main_prints_one_line_and_exits_2(tmp_path):
+    code = ("import common\n"
+            "def main(a): raise common.ConfigError('x.yaml: unknown key train.foo')\n"
+            "common.run_main(main, lambda: None)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=common.__file__.rsplit("/", 1)[0],
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr == "error: x.yaml: unknown key train.foo\n"
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "a.json"
+    with pytest.raises(RuntimeError):
+        with common.atomic_path(target) as tmp:
+            open(tmp, "w").write("half")
+            raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+    common.atomic_write_json(target, {"a": 1})
+    assert target.read_text() == '{\n  "a": 1\n}\n' and len(list(tmp_path.iterdir())) == 1
