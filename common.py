@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import yaml
+from transformers import Idefics2Model, Idefics2PreTrainedModel
 
 # -----------------------------------------------------------------------------
 # Configuration: one YAML per model with a section per stage, CLI flags override it.
@@ -40,6 +41,8 @@ MODEL_OPTIONS = {
     "num_inference_steps": (25, "DDIM steps per video"),
     "guidance_scale": (7.5, "classifier-free guidance scale"),
     "fps": (8, "frame rate of the MP4s written"),
+    "generation_batch_size": (4, "videos generated per pipeline call"),
+    "mixed_precision": ("no", "no | fp16 | bf16: weights of frozen models and generation; autocast in training"),
 }
 
 REWARD_OPTIONS = {
@@ -47,6 +50,8 @@ REWARD_OPTIONS = {
     "reward_model": ("TIGER-Lab/VideoScore-v1.1", "VideoScore hub id or local folder"),
     "reward_num_frames": (None, "frames the reward sees (default: 48 for v1.1, 16 for v1)"),
     "reward_batch_size": (4, "videos per reward forward"),
+    "aspects": (["visual_quality", "temporal_consistency", "dynamic_degree", "text_alignment"],
+                "aspects that count: block ranking, pair selection, the table's average (the paper's four)"),
 }
 
 
@@ -257,6 +262,226 @@ def write_video(path, frames, fps=8):
 
 
 # -----------------------------------------------------------------------------
+# VideoScore reward (TIGER-Lab/VideoScore, VideoScore-v1.1): Mantis-Idefics2 with a 5-output
+# regression head, rebuilt on plain transformers so that `mantis-vl` is not needed.
+
+ASPECTS = ("visual_quality", "temporal_consistency", "dynamic_degree", "text_alignment", "factual_consistency")
+
+# Verbatim from the official examples/run_videoscore.py, leading and trailing newlines included:
+# the checkpoints were trained on exactly this text.
+REGRESSION_QUERY_PROMPT = """
+Suppose you are an expert in judging and evaluating the quality of AI-generated videos,
+please watch the following frames of a given video and see the text prompt for generating the video,
+then give scores from 5 different dimensions:
+(1) visual quality: the quality of the video in terms of clearness, resolution, brightness, and color
+(2) temporal consistency, both the consistency of objects or humans and the smoothness of motion or movements
+(3) dynamic degree, the degree of dynamic changes
+(4) text-to-video alignment, the alignment between the text prompt and the video content
+(5) factual consistency, the consistency of the video content with the common-sense and factual knowledge
+
+for each dimension, output a float number from 1.0 to 4.0,
+the higher the number is, the better the video performs in that sub-score, 
+the lowest 1.0 means Bad, the highest 4.0 means Perfect/Real (the video is like a real video)
+Here is an output example:
+visual quality: 3.2
+temporal consistency: 2.7
+dynamic degree: 4.0
+text-to-video alignment: 2.3
+factual consistency: 1.8
+
+For this video, the text prompt is "{text_prompt}",
+all the frames of video are as follows:
+"""
+VIDEOSCORE_DEFAULT = "TIGER-Lab/VideoScore-v1.1"
+
+
+class Idefics2ForSequenceClassification(Idefics2PreTrainedModel):
+    """Idefics2 with a linear head read at the last real token; same parameter names as Mantis'
+    class (`model.*`, `score.*`), so its checkpoints load as they are."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = Idefics2Model(config)
+        self.score = nn.Linear(config.text_config.hidden_size, config.num_labels, bias=True)
+        self.post_init()
+
+    def forward(self, input_ids, attention_mask, pixel_values=None, pixel_attention_mask=None):
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                            pixel_attention_mask=pixel_attention_mask, use_cache=False).last_hidden_state
+        # Mantis finds the first pad token id instead, which also picks the last token under left
+        # padding but misfires when the pad id (<unk>) occurs in the text; the mask cannot.
+        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        last = (attention_mask.long() * positions).argmax(-1)
+        return self.score(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
+
+
+def read_video(path):
+    """All frames of a video file as uint8 (F, H, W, 3)."""
+    import decord
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: cannot read video (no such file): expected an MP4 file")
+    try:
+        reader = decord.VideoReader(path, ctx=decord.cpu(0))
+        frames = reader.get_batch(list(range(len(reader)))).asnumpy()
+    except Exception as e:  # decord raises its own error types, with multi-line native traces
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError(f"{path}: cannot read video ({reason}): expected an MP4 file") from None
+    if len(frames) == 0:
+        raise ConfigError(f"{path}: cannot read video (no frames): expected an MP4 file")
+    return frames
+
+
+def sample_frames(frames, num_frames):
+    """Frames floor(i * F / num_frames), i < num_frames, as the official script picks them (its
+    arange with a float step), in integer arithmetic; clips of at most num_frames are kept whole."""
+    n = len(frames)
+    if n <= num_frames:
+        return frames
+    return frames[np.arange(num_frames) * n // num_frames]
+
+
+class VideoScorer:
+    """`VideoScorer.from_pretrained(...).score(videos, prompts)`: one dict of raw (unclamped)
+    regression outputs per video, keyed by ASPECTS; human labels were on a 1-4 scale."""
+
+    def __init__(self, model, processor, num_frames, batch_size=1):
+        if model.config.num_labels != len(ASPECTS):
+            raise ValueError(f"VideoScore head has {model.config.num_labels} outputs, expected {len(ASPECTS)}")
+        self.model, self.processor = model, processor
+        self.num_frames, self.batch_size = int(num_frames), int(batch_size)
+        # Right padding keeps every real token at the position it has when scored alone, so
+        # batched scores equal one-by-one ones (the official script scores one video at a time).
+        processor.tokenizer.padding_side = "right"
+
+    @classmethod
+    def from_pretrained(cls, name_or_path=VIDEOSCORE_DEFAULT, num_frames=None, device=None, dtype=None,
+                        batch_size=1):
+        from transformers import AutoProcessor
+
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        model = Idefics2ForSequenceClassification.from_pretrained(name_or_path, dtype=dtype)
+        model.to(device).eval().requires_grad_(False)
+        processor = AutoProcessor.from_pretrained(name_or_path)
+        if num_frames is None:  # what each release was trained with
+            num_frames = 48 if "v1.1" in str(name_or_path) else 16
+        return cls(model, processor, num_frames, batch_size)
+
+    @property
+    def device(self):
+        return self.model.device
+
+    def _clip(self, video):
+        frames = read_video(video) if isinstance(video, (str, os.PathLike)) else video
+        if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8 or frames.ndim != 4 \
+                or frames.shape[-1] != 3 or len(frames) == 0:
+            what = f"{frames.dtype} array of shape {frames.shape}" if isinstance(frames, np.ndarray) \
+                else type(frames).__name__
+            raise ValueError(f"video must be an MP4 path or a uint8 array (F, H, W, 3) with F >= 1, got {what}")
+        return sample_frames(frames, self.num_frames)
+
+    def score(self, videos, prompts):
+        videos, prompts = list(videos), list(prompts)
+        if len(videos) != len(prompts):
+            raise ValueError(f"got {len(videos)} videos but {len(prompts)} prompts")
+        scores = []
+        for i in range(0, len(videos), self.batch_size):
+            scores += self._score_batch(videos[i:i + self.batch_size], prompts[i:i + self.batch_size])
+        return scores
+
+    @torch.inference_mode()
+    def _score_batch(self, videos, prompts):
+        from PIL import Image
+
+        clips = [self._clip(v) for v in videos]
+        texts = [REGRESSION_QUERY_PROMPT.format(text_prompt=p) + "<image> " * len(c) for p, c in zip(prompts, clips)]
+        images = [[Image.fromarray(f) for f in c] for c in clips]  # the processor takes PIL images only
+        inputs = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        logits = self.model(**inputs).float().cpu()
+        return [dict(zip(ASPECTS, row.tolist())) for row in logits]
+
+
+def _tiny_bpe_tokenizer(vocab_size=400):
+    """A byte-level BPE tokenizer trained here, on the scoring prompt and a few hundred generated
+    captions; byte-level so no text is out of vocabulary. BOS added like Idefics2's Mistral one."""
+    from itertools import product
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    subjects = ["a cat", "a dog", "two people", "a red car", "an old man", "a small bird", "the ocean", "a robot"]
+    actions = ["walks", "runs", "jumps", "dances", "sleeps", "flies"]
+    places = ["in the park", "on the beach", "at night", "under the rain", "in a city", "near a house"]
+    lines = REGRESSION_QUERY_PROMPT.splitlines() + [" ".join(t) + "." for t in product(subjects, actions, places)]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(lines, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    # Idefics2 pads with <unk>, so padding is only recognisable through the attention mask.
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<unk>", model_input_names=["input_ids", "attention_mask"])
+
+
+def build_tiny_videoscore(out_dir, seed=0, image_size=32, image_seq_len=4, hidden_size=56):
+    """Write a tiny random VideoScore checkpoint (model, processor, tokenizer) into out_dir, with
+    the real layout, so VideoScorer.from_pretrained(out_dir) takes the same path as the real one."""
+    from transformers import Idefics2Config, Idefics2ImageProcessor, Idefics2Processor
+
+    image_processor = Idefics2ImageProcessor(do_image_splitting=False, size={
+        "longest_edge": image_size, "shortest_edge": image_size // 2})
+    # The processor adds <fake_token_around_image>, <image> and <end_of_utterance> to the
+    # tokenizer, so the vocabulary size is read after building it.
+    processor = Idefics2Processor(image_processor, _tiny_bpe_tokenizer(), image_seq_len=image_seq_len)
+    tokenizer = processor.tokenizer
+    # At the default init std (0.02) a model this small barely sees its frames, so a wrong frame
+    # choice would go unnoticed in tests; 0.2 makes the scores depend on the pixels.
+    shared = dict(hidden_size=hidden_size, initializer_range=0.2)
+    config = Idefics2Config(
+        text_config=dict(model_type="mistral", vocab_size=len(tokenizer), intermediate_size=2 * hidden_size,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+                         max_position_embeddings=4096, pad_token_id=tokenizer.pad_token_id, **shared),
+        vision_config=dict(intermediate_size=2 * hidden_size, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=image_size, patch_size=8, **shared),
+        # Idefics2 requires: latents == image_seq_len, perceiver width == text width, kv heads <= heads.
+        perceiver_config=dict(rms_norm_eps=1e-5, resampler_n_latents=image_seq_len, resampler_depth=1,
+                              resampler_n_heads=2, resampler_head_dim=8, num_key_value_heads=1, **shared),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), num_labels=len(ASPECTS),
+        problem_type="regression", initializer_range=0.2)
+    torch.manual_seed(seed)
+    model = Idefics2ForSequenceClassification(config)
+    tmp = tmp_name(out_dir)
+    model.save_pretrained(tmp, safe_serialization=True)
+    processor.save_pretrained(tmp)
+    # Released checkpoints predate transformers 5 and keep the image processor in its own file
+    # beside a two-key processor_config.json: write that layout so loading takes the same path.
+    image_processor.save_pretrained(tmp)
+    with open(os.path.join(tmp, "processor_config.json"), "w") as f:
+        json.dump({"image_seq_len": image_seq_len, "processor_class": "Idefics2Processor"}, f, indent=2)
+    os.replace(tmp, out_dir)
+    return str(out_dir)
+
+
+def load_reward(args, device=None):
+    """The reward of the config (`reward: videoscore`), built tiny first when `build_tiny` is set."""
+    if args.reward != "videoscore":
+        raise ConfigError(f"reward.reward: expected videoscore; got {args.reward!r}")
+    if args.build_tiny and not os.path.exists(os.path.join(args.reward_model, "config.json")):
+        build_tiny_videoscore(args.reward_model)
+    dtype = weight_dtype(args.mixed_precision) if args.mixed_precision != "no" else None
+    return VideoScorer.from_pretrained(args.reward_model, num_frames=args.reward_num_frames, device=device,
+                                       dtype=dtype, batch_size=args.reward_batch_size)
+
+
+# -----------------------------------------------------------------------------
 # AnimateDiff backend: SD1.5 + motion adapter; the prunable blocks are the 21 motion modules.
 
 
@@ -321,6 +546,13 @@ def blocks_removed(unet, names):
         for name, module in old.items():
             parent, index = name.rsplit(".", 1)
             unet.get_submodule(parent)[int(index)] = module
+
+
+def weight_dtype(mixed_precision):
+    try:
+        return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+    except KeyError:
+        raise ConfigError(f"mixed_precision: expected no, fp16 or bf16; got {mixed_precision!r}") from None
 
 
 def count_parameters(module):
@@ -465,6 +697,11 @@ def load_pipeline(args, unet, device=None, dtype=None):
     return pipe.to(device=device, dtype=dtype)
 
 
+def with_unet(pipe, unet):
+    """The same pipeline (shared VAE, text encoder, scheduler config) around another UNet."""
+    return type(pipe)(**{**pipe.components, "unet": unet})
+
+
 @torch.no_grad()
 def generate(pipe, prompts, seeds, args, return_latents=False):
     """Generate one video per (prompt, seed): uint8 frames (B, F, H, W, 3), and with
@@ -535,3 +772,92 @@ def build_tiny_animatediff(base_dir, adapter_dir, seed=0):
         if os.path.exists(dst):
             shutil.rmtree(dst)
         os.replace(src, dst)
+
+
+# -----------------------------------------------------------------------------
+# Stage plumbing shared by the four scripts: prompts, resumable sharded work, skip when done.
+
+
+def read_prompts(path):
+    """Prompts from a text file (one a line), JSONL ({"prompt": ...} a line) or CSV with a
+    `prompt` column (VidProM's export has one)."""
+    import csv
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read prompts ({getattr(e, 'strerror', None) or e})") from None
+    if str(path).endswith(".jsonl"):
+        prompts = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                prompts.append(row["prompt"] if isinstance(row["prompt"], str) else None)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                prompts.append(None)
+            if prompts[-1] is None:
+                raise ConfigError(f"{path}:{i}: expected a JSON object with a 'prompt' string")
+    elif str(path).endswith(".csv"):
+        reader = csv.DictReader(text.splitlines())
+        if "prompt" not in (reader.fieldnames or []):
+            raise ConfigError(f"{path}: expected a CSV header with a 'prompt' column; got {reader.fieldnames}")
+        prompts = [row["prompt"] for row in reader]
+    else:
+        prompts = text.splitlines()
+    prompts = [" ".join(p.split()) for p in prompts if p and p.strip()]
+    if not prompts:
+        raise ConfigError(f"{path}: no prompts; expected one prompt a line, or JSONL/CSV with a 'prompt' field")
+    return prompts
+
+
+def config_matches(output_dir, args):
+    """True when `output_dir/config.yaml` holds exactly the config `args` resolves to."""
+    path = os.path.join(output_dir, "config.yaml")
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f) == config_dict(args)
+    except (OSError, yaml.YAMLError):
+        return False
+
+
+def start_stage(output_dir, args, final_artifact, work_dirs=(), is_main=True):
+    """Decide whether a stage has anything to do. Returns False when `final_artifact` exists and
+    was made with this config (the rerun skips). Otherwise makes `output_dir`, drops per-item work
+    made under another config, writes the resolved config beside the outputs, and returns True."""
+    import shutil
+
+    same = config_matches(output_dir, args)
+    if same and os.path.exists(os.path.join(output_dir, final_artifact)):
+        return False
+    if is_main:
+        os.makedirs(output_dir, exist_ok=True)
+        if not same:
+            for d in work_dirs:
+                shutil.rmtree(os.path.join(output_dir, d), ignore_errors=True)
+            final = os.path.join(output_dir, final_artifact)
+            if os.path.isfile(final):
+                os.remove(final)
+            save_config(args, os.path.join(output_dir, "config.yaml"))
+    return True
+
+
+def run_items(items, work, out_path, accelerator, desc, batch_size=1):
+    """Resumable sharded work: this process takes items[rank::world] (dicts with a unique "id"),
+    skips those whose result file exists, and calls `work(chunk) -> [result]` on chunks of
+    `batch_size`. Each result lands in `out_path(id)` as JSON, atomically: the files are the
+    gather. Returns every item's result, on every process, once all processes are done."""
+    from tqdm.auto import tqdm
+
+    mine = items[accelerator.process_index::accelerator.num_processes]
+    todo = [it for it in mine if not os.path.exists(out_path(it["id"]))]
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=desc, disable=not accelerator.is_main_process)
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start:start + batch_size]
+        for it, result in zip(chunk, work(chunk), strict=True):
+            atomic_write_json(out_path(it["id"]), result)
+        bar.update(len(chunk))
+    bar.close()
+    accelerator.wait_for_everyone()
+    return [json.loads(Path(out_path(it["id"])).read_text()) for it in items]

@@ -1,0 +1,151 @@
+"""Prune: remove the motion module(s) whose removal costs the student the least reward.
+
+Each candidate block of the current student is removed alone; videos are generated for a fixed
+prompt set with fixed seeds and scored; the block(s) that cost least are removed. The aspects on
+which the pruned student now scores below the teacher M0 are the targets of curation and training.
+
+    python prune.py --config configs/tiny.yaml --output_dir runs/tiny/stage_1/prune
+    accelerate launch prune.py --config configs/animatediff.yaml --output_dir runs/animatediff/stage_2/prune \
+        --student runs/animatediff/stage_1/train/student
+
+Each process scans a shard of the (block, prompt) pairs; the main process ranks. Writes to
+--output_dir: ranking.json and ranking.md (every candidate with per-aspect scores and deltas, the
+chosen block(s), the targets), student/ (the pruned student), config.yaml, scan/ (per-video
+scores, so a killed run resumes).
+"""
+
+import os
+
+import torch
+from accelerate import Accelerator
+
+import common
+
+OPTIONS = {
+    "output_dir": (None, "where ranking.json and the pruned student go"),
+    "student": (None, "current student folder (default: the full model M0, stage 1)"),
+    "prune_prompts": ("configs/prompts/curation.txt", "prompts of the block scan (the first --num_prune_prompts)"),
+    "num_prune_prompts": (16, "prompts per candidate block"),
+    "num_blocks": (1, "blocks removed this stage"),
+    "prune_params": (None, "instead of --num_blocks: remove the best-ranked blocks until at least this many "
+                           "motion-module parameters are gone"),
+    "seed": (0, "video i uses seed + i, the same for every candidate"),
+}
+
+
+def parse_args(argv=None):
+    return common.parse_config(argv, __doc__, {"model": common.MODEL_OPTIONS, "reward": common.REWARD_OPTIONS,
+                                               "prune": OPTIONS})
+
+
+def mean_scores(results, aspects):
+    return {a: sum(r["scores"][a] for r in results) / len(results) for a in aspects}
+
+
+def choose_blocks(candidates, num_blocks, prune_params):
+    """The cheapest blocks first; by count, or until the parameter budget is met."""
+    ranked = sorted(candidates, key=lambda c: c["cost"])
+    if prune_params is None:
+        return [c["name"] for c in ranked[:num_blocks]]
+    chosen, removed = [], 0
+    for c in ranked:
+        if removed >= prune_params:
+            break
+        chosen.append(c["name"])
+        removed += c["params"]
+    return chosen
+
+
+def main(args):
+    if args.output_dir is None:
+        raise common.ConfigError("--output_dir is required (prune.output_dir in the config)")
+    accelerator = Accelerator()
+    scan_dir = os.path.join(args.output_dir, "scan")
+    if not common.start_stage(args.output_dir, args, "ranking.json", ["scan", "student"], accelerator.is_main_process):
+        accelerator.print(f"prune: {args.output_dir}/ranking.json is done with this config; skipping")
+        return
+    accelerator.wait_for_everyone()
+    aspects = args.aspects
+    prompts = common.read_prompts(args.prune_prompts)[: args.num_prune_prompts]
+    dtype = common.weight_dtype(args.mixed_precision)
+
+    # The student to prune and, from stage 2 on, the teacher M0 it is compared with.
+    unet = common.load_unet(args, student=args.student, dtype=dtype)
+    pipe = common.load_pipeline(args, unet, device=accelerator.device, dtype=dtype)
+    pipes = {"student": pipe}
+    if args.student is not None:
+        pipes["teacher"] = common.with_unet(pipe, common.load_unet(args, dtype=dtype).to(accelerator.device))
+    reward = common.load_reward(args, device=accelerator.device)
+    blocks = common.list_blocks(unet)
+    block_names = {b["name"] for b in blocks}
+    if not blocks:
+        raise common.ConfigError(f"{args.student}: every block is already removed; nothing left to prune")
+
+    def scan(variants, phase):
+        items = [{"id": f"{v}__{i:04d}", "variant": v, "prompt": p, "seed": args.seed + i}
+                 for v in variants for i, p in enumerate(prompts)]
+
+        def work(chunk):
+            results = {}
+            for v in dict.fromkeys(c["variant"] for c in chunk):  # a shard may mix variants
+                group = [c for c in chunk if c["variant"] == v]
+                names = [v] if v in block_names else chosen if v == "pruned" else []
+                with common.blocks_removed(unet, names):
+                    frames = common.generate(pipes.get(v, pipe), [c["prompt"] for c in group],
+                                             [c["seed"] for c in group], args)
+                for c, s in zip(group, reward.score(list(frames), [c["prompt"] for c in group])):
+                    results[c["id"]] = {"variant": v, "prompt": c["prompt"], "seed": c["seed"], "scores": s}
+            return [results[c["id"]] for c in chunk]
+
+        results = common.run_items(items, work, lambda i: os.path.join(scan_dir, f"{i}.json"), accelerator,
+                                   desc=f"prune: {phase}", batch_size=args.generation_batch_size)
+        return {v: mean_scores([r for r in results if r["variant"] == v], aspects) for v in variants}
+
+    chosen = []  # read by scan's "pruned" variant once chosen below
+    means = scan(list(pipes) + [b["name"] for b in blocks], "block scan")
+    base, teacher = means["student"], means.get("teacher", means["student"])
+    candidates = []
+    for b in blocks:
+        delta = {a: means[b["name"]][a] - base[a] for a in aspects}
+        candidates.append({**b, "scores": means[b["name"]], "delta": delta, "cost": -sum(delta.values()) / len(aspects)})
+    chosen = choose_blocks(candidates, args.num_blocks, args.prune_params)
+    pruned = means[chosen[0]] if len(chosen) == 1 else scan(["pruned"], "pruned student")["pruned"]
+
+    # Targets: what the pruned student now does worse than the teacher.
+    targets = [a for a in aspects if pruned[a] < teacher[a]]
+    reason = "aspects on which the pruned student scores below the teacher M0"
+    if not targets:
+        targets, reason = list(aspects), "the pruned student is not below the teacher on any aspect: all aspects"
+
+    if accelerator.is_main_process:
+        common.remove_blocks(unet, chosen)
+        common.save_student(unet, os.path.join(args.output_dir, "student"), args,
+                            extra={"parent": args.student or "M0", "pruned_this_stage": chosen})
+        ranking = {
+            "student": args.student or "M0", "aspects": list(aspects), "teacher": teacher, "unpruned": base,
+            "candidates": sorted(candidates, key=lambda c: c["cost"]), "chosen": chosen, "pruned": pruned,
+            "targets": targets, "targets_rule": reason,
+            "motion_parameters": {"before": sum(b["params"] for b in blocks), "after": common.motion_parameters(unet)},
+        }
+        common.atomic_write_text(os.path.join(args.output_dir, "ranking.md"), ranking_markdown(ranking))
+        common.atomic_write_json(os.path.join(args.output_dir, "ranking.json"), ranking)  # last: marks the stage done
+        print(f"prune: removed {', '.join(chosen)}; targets: {', '.join(targets)}; motion parameters "
+              f"{ranking['motion_parameters']['before'] / 1e6:.2f}M -> {ranking['motion_parameters']['after'] / 1e6:.2f}M")
+    accelerator.wait_for_everyone()
+
+
+def ranking_markdown(r):
+    aspects = r["aspects"]
+    head = "| rank | block | params (M) | cost | " + " | ".join(f"Δ {a}" for a in aspects) + " |"
+    rows = [head, "|" + "---|" * (4 + len(aspects))]
+    for i, c in enumerate(r["candidates"], 1):
+        mark = " (removed)" if c["name"] in r["chosen"] else ""
+        rows.append(f"| {i} | `{c['name']}`{mark} | {c['params'] / 1e6:.3f} | {c['cost']:+.4f} | "
+                    + " | ".join(f"{c['delta'][a]:+.4f}" for a in aspects) + " |")
+    return (f"# Block ranking (student: {r['student']})\n\nCost = mean drop over the aspects when the block "
+            f"alone is removed; the cheapest are removed.\n\n" + "\n".join(rows)
+            + f"\n\nTargets: {', '.join(r['targets'])} ({r['targets_rule']}).\n")
+
+
+if __name__ == "__main__":
+    common.run_main(main, parse_args)

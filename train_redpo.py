@@ -1,0 +1,258 @@
+"""Train: ReDPO, the pruned student learning from the frozen teacher M0 on curated pairs.
+
+    loss = Diffusion-DPO(student vs teacher, winner vs loser) + w_sft * ||student - teacher||^2 (winners)
+
+The teacher is the reference of both terms and runs once per step under no_grad; winners and
+losers of a pair share one batch, one noise and one timestep. Latents come from curate.py, so the
+VAE never runs here.
+
+    python train_redpo.py --config configs/tiny.yaml --output_dir runs/tiny/stage_1/train \
+        --student runs/tiny/stage_1/prune/student --pairs runs/tiny/stage_1/curate/pairs.jsonl
+    accelerate launch --num_processes 8 train_redpo.py --config configs/animatediff.yaml \
+        --output_dir runs/animatediff/stage_1/train --student runs/animatediff/stage_1/prune/student \
+        --pairs runs/animatediff/stage_1/curate/pairs.jsonl --resume_from_checkpoint latest
+
+Effective batch = train_batch_size (pairs per process) x processes x gradient_accumulation_steps.
+Ablations are switches: --loss_type sft | dpo | redpo. Writes to --output_dir: student/
+(student.safetensors + student.json), checkpoint-<step>/ (accelerator.save_state), metrics.jsonl,
+config.yaml.
+"""
+
+import json
+import math
+import os
+import re
+import shutil
+import sys
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+
+import common
+
+OPTIONS = {
+    "output_dir": (None, "where the trained student, checkpoints and logs go"),
+    "student": (None, "student to train: a folder from prune.py (student/)"),
+    "pairs": (None, "pair manifest from curate.py (pairs.jsonl); several: comma-separated"),
+    "trainable": ("motion_modules", "motion_modules (AnimateDiff's own training) | unet"),
+    "loss_type": ("redpo", "redpo | dpo (w/o SFT) | sft (w/o DPO)"),
+    "beta": (2500.0, "DPO temperature; no 0.5 factor: 2500 here = Diffusion-DPO's beta_dpo 5000"),
+    "w_sft": (1.0, "weight of the SFT term (student to teacher on winners)"),
+    "learning_rate": (1e-5, "AdamW learning rate"),
+    "scale_lr": (False, "multiply the learning rate by the effective batch size"),
+    "lr_scheduler": ("constant_with_warmup", "diffusers scheduler name: constant, constant_with_warmup, cosine, ..."),
+    "lr_warmup_steps": (0, "warmup steps"),
+    "adam_beta1": (0.9, "AdamW beta1"),
+    "adam_beta2": (0.999, "AdamW beta2"),
+    "adam_weight_decay": (1e-2, "AdamW weight decay"),
+    "adam_epsilon": (1e-8, "AdamW epsilon"),
+    "max_grad_norm": (1.0, "gradient clipping norm"),
+    "train_batch_size": (1, "pairs per process per step"),
+    "gradient_accumulation_steps": (1, "steps accumulated per update"),
+    "max_train_steps": (500, "optimizer updates"),
+    "gradient_checkpointing": (False, "trade compute for memory in the student"),
+    "checkpointing_steps": (100, "save resumable state every this many updates"),
+    "checkpoints_total_limit": (None, "keep at most this many checkpoints"),
+    "resume_from_checkpoint": (None, "a checkpoint folder, or 'latest' (starts fresh when there is none)"),
+    "report_to": ("none", "none | tensorboard | wandb"),
+    "logging_steps": (10, "print and log metrics every this many updates"),
+    "dataloader_num_workers": (0, "data loader worker processes"),
+    "seed": (0, "seed of noise, timesteps and data order"),
+}
+
+
+def parse_args(argv=None):
+    return common.parse_config(argv, __doc__, {"model": common.MODEL_OPTIONS, "train": OPTIONS})
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Pairs from curate.py manifests: the winner and loser latents of one prompt and seed."""
+
+    def __init__(self, manifests):
+        self.rows = []
+        for manifest in manifests:
+            for row in common.read_manifest(manifest):
+                self.rows.append({"prompt": row["prompt"], "latents": os.path.join(os.path.dirname(manifest), row["latents"])})
+        if not self.rows:
+            raise common.ConfigError(f"{', '.join(manifests)}: no pairs to train on")
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        from safetensors.torch import load_file
+
+        row = self.rows[i]
+        try:
+            latents = load_file(row["latents"])
+            return {"winner": latents["winner"], "loser": latents["loser"], "prompt": row["prompt"]}
+        except Exception as e:
+            raise common.ConfigError(f"{row['latents']}: cannot read latents ({e}); expected a safetensors "
+                                     f"file with 'winner' and 'loser' tensors") from None
+
+
+def collate(rows):
+    # Diffusion-DPO layout: the B winners first, then their B losers.
+    latents = torch.stack([r["winner"] for r in rows] + [r["loser"] for r in rows])
+    return {"latents": latents, "prompts": [r["prompt"] for r in rows]}
+
+
+def latest_checkpoint(output_dir):
+    steps = [int(m.group(1)) for d in os.listdir(output_dir) if (m := re.fullmatch(r"checkpoint-(\d+)", d))]
+    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
+
+
+def save_checkpoint(accelerator, args, step):
+    """save_state on every rank (rank-0-only hangs DeepSpeed), into a temporary folder renamed
+    when complete, so a kill mid-save never leaves a checkpoint that looks finished."""
+    final = os.path.join(args.output_dir, f"checkpoint-{step}")
+    tmp = final + ".tmp"
+    if accelerator.is_main_process and args.checkpoints_total_limit is not None:
+        while (old := sorted(int(d.split("-")[1]) for d in os.listdir(args.output_dir)
+                             if re.fullmatch(r"checkpoint-\d+", d))) and len(old) >= args.checkpoints_total_limit:
+            shutil.rmtree(os.path.join(args.output_dir, f"checkpoint-{old[0]}"))
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        os.replace(tmp, final)
+    return final
+
+
+def main(args):
+    for key in ("output_dir", "student", "pairs"):
+        if getattr(args, key) is None:
+            raise common.ConfigError(f"--{key} is required (train.{key} in the config)")
+    if args.trainable not in ("motion_modules", "unet"):
+        raise common.ConfigError(f"train.trainable: expected motion_modules or unet; got {args.trainable!r}")
+    if args.loss_type not in common.LOSS_TYPES:
+        raise common.ConfigError(f"train.loss_type: expected one of {', '.join(common.LOSS_TYPES)}; got {args.loss_type!r}")
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs")),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    if not common.start_stage(args.output_dir, args, "student/student.json", [], accelerator.is_main_process):
+        accelerator.print(f"train: {args.output_dir}/student is done with this config; skipping")
+        return
+    accelerator.wait_for_everyone()
+    set_seed(args.seed)
+    dataset = PairDataset(args.pairs.split(","))  # validates the manifests before any model loads
+
+    # Models: the student trains; the teacher M0 and the text encoder are frozen and stay outside prepare.
+    dtype = common.weight_dtype(args.mixed_precision)
+    teacher = common.load_unet(args, dtype=dtype).to(accelerator.device).eval().requires_grad_(False)
+    student = common.load_unet(args, student=args.student)
+    student.requires_grad_(args.trainable == "unet")
+    if args.trainable == "motion_modules":
+        for name, p in student.named_parameters():
+            p.requires_grad_(".motion_modules." in name)
+    if args.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    text_encoder, tokenizer = common.load_text_encoder(args, dtype=dtype)
+    text_encoder.to(accelerator.device)
+    noise_scheduler = common.noise_scheduler(args)
+
+    # Optimizer, data, schedule.
+    lr = args.learning_rate
+    if args.scale_lr:
+        lr *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate,
+                                         num_workers=args.dataloader_num_workers)
+    from diffusers.optimization import get_scheduler
+
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+    student, optimizer, loader, lr_scheduler = accelerator.prepare(student, optimizer, loader, lr_scheduler)
+    updates_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
+    num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
+    if accelerator.is_main_process and args.report_to != "none":
+        accelerator.init_trackers("vip", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+
+    # Resume: restore the state, then skip the batches this epoch has already seen.
+    global_step, first_epoch, skip = 0, 0, 0
+    if args.resume_from_checkpoint:
+        path = latest_checkpoint(args.output_dir) if args.resume_from_checkpoint == "latest" else args.resume_from_checkpoint
+        if path is None:
+            accelerator.print("train: no checkpoint to resume from; starting fresh")
+        else:
+            accelerator.load_state(path)
+            global_step = int(path.rstrip("/").rsplit("-", 1)[1])
+            first_epoch = global_step // updates_per_epoch
+            skip = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
+            accelerator.print(f"train: resumed from {path} (step {global_step})")
+
+    accelerator.print(f"train: {len(dataset)} pairs, {args.max_train_steps} steps, effective batch "
+                      f"{args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps} pairs, "
+                      f"loss {args.loss_type} (beta {args.beta}, w_sft {args.w_sft})")
+    bar = tqdm(total=args.max_train_steps, initial=global_step, desc="train", disable=not accelerator.is_main_process)
+    log = open(os.path.join(args.output_dir, "metrics.jsonl"), "a") if accelerator.is_main_process else None
+    for epoch in range(first_epoch, num_epochs):
+        student.train()
+        epoch_loader = accelerator.skip_first_batches(loader, skip) if epoch == first_epoch and skip else loader
+        for batch in epoch_loader:
+            with accelerator.accumulate(student):
+                latents = batch["latents"]  # (2B, C, F, h, w): winners then losers
+                n, frames = latents.shape[0] // 2, latents.shape[2]
+                noise = torch.randn_like(latents[:n]).repeat(2, 1, 1, 1, 1)  # one noise per pair
+                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), device=latents.device)
+                timesteps = timesteps.repeat(2)  # one timestep per pair
+                noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+                target = noise if noise_scheduler.config.prediction_type == "epsilon" \
+                    else noise_scheduler.get_velocity(latents, noise, timesteps)
+                with torch.no_grad():
+                    text = common.encode_prompts(text_encoder, tokenizer, batch["prompts"], accelerator.device)
+                    text = text.repeat(2, 1, 1).repeat_interleave(frames, dim=0)  # (2B*F, 77, D)
+                    ref_pred = teacher(noisy.to(dtype), timesteps, text.to(dtype)).sample  # used by both terms
+                model_pred = student(noisy, timesteps, text).sample
+                loss, metrics = common.redpo_loss(model_pred, ref_pred, target, beta=args.beta, w_sft=args.w_sft,
+                                                  loss_type=args.loss_type)
+                finite = accelerator.gather(torch.tensor([math.isfinite(metrics["loss"])], device=accelerator.device))
+                if not finite.all():
+                    last = latest_checkpoint(args.output_dir)
+                    sys.exit(f"train: non-finite loss ({metrics['loss']}) at step {global_step + 1}; last good "
+                             f"checkpoint: {last or 'none'}; try a lower --learning_rate or --beta, or --mixed_precision bf16")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            if accelerator.sync_gradients:
+                global_step += 1
+                bar.update(1)
+                metrics["lr"] = lr_scheduler.get_last_lr()[0]
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['implicit_acc']:.2f}")
+                if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
+                    accelerator.log(metrics, step=global_step)
+                    if log:
+                        log.write(json.dumps({"step": global_step, **metrics}) + "\n")
+                        log.flush()
+                if global_step % args.checkpointing_steps == 0:
+                    save_checkpoint(accelerator, args, global_step)
+                if global_step >= args.max_train_steps:
+                    break
+        if global_step >= args.max_train_steps:
+            break
+    bar.close()
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        common.save_student(accelerator.unwrap_model(student), os.path.join(args.output_dir, "student"), args,
+                            weights=args.trainable,
+                            extra={"parent": args.student, "steps": global_step, "loss_type": args.loss_type,
+                                   "beta": args.beta, "w_sft": args.w_sft, "pairs": args.pairs})
+        print(f"train: saved {args.output_dir}/student after {global_step} steps")
+        log.close()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    common.run_main(main, parse_args)
