@@ -73,7 +73,9 @@ def _coerce(value, default, where):
         if isinstance(default, float):
             return float(value)
         if isinstance(default, (list, tuple)):
-            value = yaml.safe_load(value) if isinstance(value, str) else value
+            if isinstance(value, str):  # CLI: a YAML list, or comma-separated values
+                parsed = yaml.safe_load(value)
+                value = parsed if isinstance(parsed, list) else [v for v in value.split(",") if v]
             if not isinstance(value, list):
                 raise ValueError
             return value
@@ -152,7 +154,8 @@ def run_main(main, parse_args):
     try:
         main(parse_args())
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every process raises it; one says it
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -681,13 +684,13 @@ def load_pipeline(args, unet, device=None, dtype=None):
     """An AnimateDiffPipeline around `unet`, with the base model's VAE, text encoder and tokenizer
     and AnimateDiff's DDIM settings (linear betas, no sample clipping)."""
     from diffusers import AnimateDiffPipeline, AutoencoderKL, DDIMScheduler
-    from transformers import CLIPTextModel, CLIPTokenizer
 
     base = args.pretrained_model_name_or_path
+    text_encoder, tokenizer = load_text_encoder(args, dtype=dtype)
     pipe = AnimateDiffPipeline(
         vae=AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=dtype),
-        text_encoder=CLIPTextModel.from_pretrained(base, subfolder="text_encoder", torch_dtype=dtype),
-        tokenizer=CLIPTokenizer.from_pretrained(base, subfolder="tokenizer"),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
         unet=unet,
         motion_adapter=None,
         scheduler=DDIMScheduler.from_pretrained(base, subfolder="scheduler", beta_schedule="linear",
@@ -699,7 +702,32 @@ def load_pipeline(args, unet, device=None, dtype=None):
 
 def with_unet(pipe, unet):
     """The same pipeline (shared VAE, text encoder, scheduler config) around another UNet."""
-    return type(pipe)(**{**pipe.components, "unet": unet})
+    other = type(pipe)(**{**pipe.components, "unet": unet})
+    other.set_progress_bar_config(disable=True)
+    return other
+
+
+def load_text_encoder(args, dtype=None):
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    base = args.pretrained_model_name_or_path
+    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", dtype=dtype)
+    return text_encoder.eval().requires_grad_(False), CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
+
+
+def encode_prompts(text_encoder, tokenizer, prompts, device):
+    """CLIP's last hidden state over 77 padded tokens (B, 77, D), as the pipeline conditions on."""
+    ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids.to(device)
+    return text_encoder(ids)[0]
+
+
+def noise_scheduler(args):
+    """The training noise schedule: AnimateDiff's linear betas, the same as the sampler's."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler",
+                                         beta_schedule="linear", clip_sample=False)
 
 
 @torch.no_grad()
@@ -812,34 +840,47 @@ def read_prompts(path):
     return prompts
 
 
-def config_matches(output_dir, args):
-    """True when `output_dir/config.yaml` holds exactly the config `args` resolves to."""
+# Keys that change how a run goes, not what it makes: a rerun differing only in them resumes.
+RUN_ONLY_KEYS = {"output_dir", "resume_from_checkpoint", "report_to", "logging_steps", "checkpointing_steps",
+                 "checkpoints_total_limit", "dataloader_num_workers", "generation_batch_size", "reward_batch_size"}
+
+
+def _what_it_makes(config, ignore=()):
+    skip = RUN_ONLY_KEYS | set(ignore)
+    return {s: {k: v for k, v in body.items() if k not in skip} for s, body in config.items()}
+
+
+def config_matches(output_dir, args, ignore=()):
+    """True when `output_dir/config.yaml` was written for a config that makes the same artifacts
+    (keys in `ignore` aside)."""
     path = os.path.join(output_dir, "config.yaml")
     try:
         with open(path) as f:
-            return yaml.safe_load(f) == config_dict(args)
-    except (OSError, yaml.YAMLError):
+            return _what_it_makes(yaml.safe_load(f), ignore) == _what_it_makes(config_dict(args), ignore)
+    except (OSError, yaml.YAMLError, AttributeError):
         return False
 
 
-def start_stage(output_dir, args, final_artifact, work_dirs=(), is_main=True):
+def start_stage(output_dir, args, final_artifact, work_dirs=(), is_main=True, work_ignores=()):
     """Decide whether a stage has anything to do. Returns False when `final_artifact` exists and
     was made with this config (the rerun skips). Otherwise makes `output_dir`, drops per-item work
-    made under another config, writes the resolved config beside the outputs, and returns True."""
+    made under a config that differs in more than `work_ignores`, writes the resolved config
+    beside the outputs, and returns True."""
+    import glob
     import shutil
 
-    same = config_matches(output_dir, args)
-    if same and os.path.exists(os.path.join(output_dir, final_artifact)):
+    if config_matches(output_dir, args) and os.path.exists(os.path.join(output_dir, final_artifact)):
         return False
     if is_main:
         os.makedirs(output_dir, exist_ok=True)
-        if not same:
-            for d in work_dirs:
-                shutil.rmtree(os.path.join(output_dir, d), ignore_errors=True)
-            final = os.path.join(output_dir, final_artifact)
-            if os.path.isfile(final):
-                os.remove(final)
-            save_config(args, os.path.join(output_dir, "config.yaml"))
+        if not config_matches(output_dir, args, work_ignores):
+            for pattern in work_dirs:
+                for path in glob.glob(os.path.join(glob.escape(output_dir), pattern)):
+                    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        final = os.path.join(output_dir, final_artifact)
+        if os.path.isfile(final):
+            os.remove(final)
+        save_config(args, os.path.join(output_dir, "config.yaml"))
     return True
 
 
@@ -861,3 +902,27 @@ def run_items(items, work, out_path, accelerator, desc, batch_size=1):
     bar.close()
     accelerator.wait_for_everyone()
     return [json.loads(Path(out_path(it["id"])).read_text()) for it in items]
+
+
+MANIFEST_KEYS = ("id", "prompt", "seed", "winner", "loser", "latents", "winner_scores", "loser_scores")
+
+
+def read_manifest(path):
+    """The rows of a pair manifest (curate.py's pairs.jsonl), each checked for its fields."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read pair manifest ({e.strerror})") from None
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            ok = isinstance(row, dict) and all(k in row for k in MANIFEST_KEYS) and isinstance(row["prompt"], str)
+        except json.JSONDecodeError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"{path}:{i}: expected a JSON object with {', '.join(MANIFEST_KEYS)}")
+        rows.append(row)
+    return rows

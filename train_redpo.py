@@ -35,7 +35,7 @@ import common
 OPTIONS = {
     "output_dir": (None, "where the trained student, checkpoints and logs go"),
     "student": (None, "student to train: a folder from prune.py (student/)"),
-    "pairs": (None, "pair manifest from curate.py (pairs.jsonl); several: comma-separated"),
+    "pairs": ([], "pair manifest(s) from curate.py (pairs.jsonl); several: comma-separated or a YAML list"),
     "trainable": ("motion_modules", "motion_modules (AnimateDiff's own training) | unet"),
     "loss_type": ("redpo", "redpo | dpo (w/o SFT) | sft (w/o DPO)"),
     "beta": (2500.0, "DPO temperature; no 0.5 factor: 2500 here = Diffusion-DPO's beta_dpo 5000"),
@@ -122,7 +122,7 @@ def save_checkpoint(accelerator, args, step):
 
 def main(args):
     for key in ("output_dir", "student", "pairs"):
-        if getattr(args, key) is None:
+        if not getattr(args, key):
             raise common.ConfigError(f"--{key} is required (train.{key} in the config)")
     if args.trainable not in ("motion_modules", "unet"):
         raise common.ConfigError(f"train.trainable: expected motion_modules or unet; got {args.trainable!r}")
@@ -135,12 +135,13 @@ def main(args):
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
-    if not common.start_stage(args.output_dir, args, "student/student.json", [], accelerator.is_main_process):
+    if not common.start_stage(args.output_dir, args, "student/student.json",
+                              ["checkpoint-*", "student", "metrics.jsonl"], accelerator.is_main_process):
         accelerator.print(f"train: {args.output_dir}/student is done with this config; skipping")
         return
     accelerator.wait_for_everyone()
     set_seed(args.seed)
-    dataset = PairDataset(args.pairs.split(","))  # validates the manifests before any model loads
+    dataset = PairDataset(args.pairs)  # validates the manifests before any model loads
 
     # Models: the student trains; the teacher M0 and the text encoder are frozen and stay outside prepare.
     dtype = common.weight_dtype(args.mixed_precision)

@@ -1,0 +1,151 @@
+"""Evaluate: the teacher M0 and any students on held-out prompts, in the paper's table shape.
+
+Per model: VideoScore per aspect (mean over prompts), their average, motion-module and UNet
+parameters, FLOPs of one denoising step, and the latency of generating one video.
+
+    python evaluate.py --config configs/tiny.yaml --output_dir runs/tiny/eval \
+        --students runs/tiny/stage_1/prune/student,runs/tiny/stage_1/train/student
+    accelerate launch evaluate.py --config configs/animatediff.yaml --output_dir runs/animatediff/eval \
+        --students runs/animatediff/stage_3/train/student
+
+The held-out prompts (configs/prompts/eval.txt) are not curation prompts. Each process generates
+a shard of the (model, prompt) pairs; results are cached per model, so adding a student to the
+list only evaluates the new one. Writes to --output_dir: eval.json, eval.md (the table),
+videos/<model>/ (every evaluated video), config.yaml.
+"""
+
+import hashlib
+import os
+import re
+import time
+
+import torch
+from accelerate import Accelerator
+
+import common
+
+OPTIONS = {
+    "output_dir": (None, "where eval.json, eval.md and the videos go"),
+    "students": ([], "student folders to evaluate beside the teacher M0; comma-separated or a YAML list"),
+    "eval_prompts": ("configs/prompts/eval.txt", "held-out prompts (never the curation prompts)"),
+    "num_eval_prompts": (None, "use the first this many prompts (default: all)"),
+    "latency_runs": (3, "timed generations per model (after one warm-up); the median is reported"),
+    "seed": (1234, "video i uses seed + i, for every model"),
+}
+
+ASPECT_TITLES = {"visual_quality": "Visual Quality", "temporal_consistency": "Temporal Consist.",
+                 "dynamic_degree": "Dynamic Degree", "text_alignment": "Text Align.",
+                 "factual_consistency": "Factual Consist."}
+
+
+def parse_args(argv=None):
+    return common.parse_config(argv, __doc__, {"model": common.MODEL_OPTIONS, "reward": common.REWARD_OPTIONS,
+                                               "eval": OPTIONS})
+
+
+def model_key(path):
+    """A cache key that changes when the student folder is rewritten with other contents."""
+    if path is None:
+        return "teacher"
+    digest = hashlib.sha1(open(os.path.join(path, "student.json"), "rb").read()).hexdigest()[:8]
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", os.path.normpath(path)).strip("-")[-60:] + "-" + digest
+
+
+def label(path):
+    if path is None:
+        return "teacher (M0)"
+    parts = os.path.normpath(path).split(os.sep)
+    return "/".join(parts[-3:-1]) if len(parts) >= 3 else path  # e.g. stage_2/train
+
+
+def measure_latency(pipe, args, runs):
+    """Median wall time of generating one video (all steps, guidance, decoding)."""
+    sync = torch.cuda.synchronize if pipe.device.type == "cuda" else (lambda: None)
+    times = []
+    for i in range(runs + 1):
+        sync()
+        start = time.perf_counter()
+        common.generate(pipe, ["a red car drives along a coastal road"], [i], args)
+        sync()
+        times.append(time.perf_counter() - start)
+    return sorted(times[1:])[len(times[1:]) // 2]
+
+
+def table(models, aspects):
+    head = ["Model"] + [ASPECT_TITLES[a] for a in aspects] + ["Average", "Motion params", "UNet params",
+                                                             "GFLOPs/step", "Latency (s)"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in models:
+        rows.append("| " + " | ".join([m["label"]] + [f"{m['scores'][a]:.3f}" for a in aspects] + [
+            f"{m['average']:.3f}", f"{m['motion_parameters'] / 1e6:.3f}M", f"{m['unet_parameters'] / 1e6:.2f}M",
+            f"{m['flops_per_step'] / 1e9:.2f}", f"{m['latency_s']:.3f}"]) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def main(args):
+    if args.output_dir is None:
+        raise common.ConfigError("--output_dir is required (eval.output_dir in the config)")
+    for s in args.students:
+        common.read_student_meta(s)  # a bad folder fails before any generation
+    accelerator = Accelerator()
+    out = args.output_dir
+    if not common.start_stage(out, args, "eval.json", ["items", "videos"], accelerator.is_main_process,
+                              work_ignores=["students"]):
+        accelerator.print(f"evaluate: {out}/eval.json is done with this config; skipping")
+        return
+    accelerator.wait_for_everyone()
+    prompts = common.read_prompts(args.eval_prompts)[: args.num_eval_prompts]
+    dtype = common.weight_dtype(args.mixed_precision)
+    reward = common.load_reward(args, device=accelerator.device)
+    paths = [None] + list(args.students)
+    unets = {model_key(p): common.load_unet(args, student=p, dtype=dtype).to(accelerator.device) for p in paths}
+    pipe = common.load_pipeline(args, unets["teacher"], device=accelerator.device, dtype=dtype)
+    pipes = {k: pipe if k == "teacher" else common.with_unet(pipe, u) for k, u in unets.items()}
+
+    items = [{"id": f"{k}__{i:04d}", "model": k, "prompt": p, "seed": args.seed + i}
+             for k in unets for i, p in enumerate(prompts)]
+
+    def work(chunk):
+        results = {}
+        for k in dict.fromkeys(c["model"] for c in chunk):
+            group = [c for c in chunk if c["model"] == k]
+            frames = common.generate(pipes[k], [c["prompt"] for c in group], [c["seed"] for c in group], args)
+            for c, f, s in zip(group, frames, reward.score(list(frames), [c["prompt"] for c in group])):
+                video = os.path.join("videos", k, c["id"].split("__")[1] + ".mp4")
+                common.write_video(os.path.join(out, video), f, fps=args.fps)
+                results[c["id"]] = {"model": k, "prompt": c["prompt"], "seed": c["seed"], "video": video, "scores": s}
+        return [results[c["id"]] for c in chunk]
+
+    # Results live in a cache beside the table, keyed by model: a later call with more students reuses them.
+    results = common.run_items(items, work, lambda i: os.path.join(out, "items", f"{i}.json"), accelerator,
+                               desc="evaluate", batch_size=args.generation_batch_size)
+
+    if accelerator.is_main_process:
+        models = []
+        for path, (k, unet) in zip(paths, unets.items()):
+            mine = [r for r in results if r["model"] == k]
+            scores = {a: sum(r["scores"][a] for r in mine) / len(mine) for a in common.ASPECTS}
+            models.append({
+                "label": label(path), "path": path or "M0", "key": k, "scores": scores,
+                "average": sum(scores[a] for a in args.aspects) / len(args.aspects),
+                "motion_parameters": common.motion_parameters(unet), "unet_parameters": common.count_parameters(unet),
+                "flops_per_step": common.count_flops(unet, args.num_frames, args.height, args.width),
+                "latency_s": measure_latency(pipes[k], args, args.latency_runs),
+                "videos": [r["video"] for r in mine],
+            })
+        report = {"aspects": list(args.aspects), "prompts": args.eval_prompts, "num_prompts": len(prompts),
+                  "device": str(accelerator.device), "models": models}
+        md = (f"# Evaluation on {len(prompts)} held-out prompts ({args.eval_prompts})\n\n"
+              f"Reward: {args.reward_model}; average over {', '.join(args.aspects)}; parameters of the motion "
+              f"modules (the paper's count) and of the whole UNet; FLOPs of one UNet call for one video "
+              f"({args.num_frames} frames, {args.height}x{args.width}); latency: one video, "
+              f"{args.num_inference_steps} steps with guidance, median of {args.latency_runs}, on {accelerator.device}.\n\n"
+              + table(models, args.aspects))
+        common.atomic_write_text(os.path.join(out, "eval.md"), md)
+        common.atomic_write_json(os.path.join(out, "eval.json"), report)  # last: marks the evaluation done
+        print(md)
+    accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    common.run_main(main, parse_args)
