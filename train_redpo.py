@@ -192,18 +192,27 @@ def main(args):
     accelerator.print(f"train: {len(dataset)} pairs, {args.max_train_steps} steps, effective batch "
                       f"{args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps} pairs, "
                       f"loss {args.loss_type} (beta {args.beta}, w_sft {args.w_sft})")
+    micro_step = global_step * args.gradient_accumulation_steps
     bar = tqdm(total=args.max_train_steps, initial=global_step, desc="train", disable=not accelerator.is_main_process)
     log = open(os.path.join(args.output_dir, "metrics.jsonl"), "a") if accelerator.is_main_process else None
     for epoch in range(first_epoch, num_epochs):
         student.train()
-        epoch_loader = accelerator.skip_first_batches(loader, skip) if epoch == first_epoch and skip else loader
+        loader.set_epoch(epoch)  # the shuffle of epoch k is fixed by (seed, k), resumed or not
+        epoch_loader = loader
+        if epoch == first_epoch and skip:
+            epoch_loader = accelerator.skip_first_batches(loader, skip)
+            epoch_loader.set_epoch(epoch)
         for batch in epoch_loader:
             with accelerator.accumulate(student):
                 latents = batch["latents"]  # (2B, C, F, h, w): winners then losers
                 n, frames = latents.shape[0] // 2, latents.shape[2]
-                noise = torch.randn_like(latents[:n]).repeat(2, 1, 1, 1, 1)  # one noise per pair
-                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), device=latents.device)
-                timesteps = timesteps.repeat(2)  # one timestep per pair
+                # Noise and timesteps are a function of (seed, batch, process) alone, so a resumed run
+                # draws exactly what the uninterrupted one did, whatever the loaders consumed.
+                gen = torch.Generator().manual_seed(args.seed * 1_000_003 + micro_step * 1009 + accelerator.process_index)
+                micro_step += 1
+                noise = torch.randn(latents[:n].shape, generator=gen).to(latents).repeat(2, 1, 1, 1, 1)  # one per pair
+                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=gen)
+                timesteps = timesteps.to(latents.device).repeat(2)  # one timestep per pair
                 noisy = noise_scheduler.add_noise(latents, noise, timesteps)
                 target = noise if noise_scheduler.config.prediction_type == "epsilon" \
                     else noise_scheduler.get_velocity(latents, noise, timesteps)
