@@ -521,16 +521,16 @@ def removed_blocks(unet):
     return [n for n in _motion_module_names(unet) if isinstance(unet.get_submodule(n), RemovedBlock)]
 
 
-def _check_block_names(unet, names):
+def _check_block_names(unet, names, where="blocks"):
     valid = _motion_module_names(unet)
     for name in names:
         if name not in valid:
-            raise ConfigError(f"unknown block '{name}'; valid blocks look like {valid[0]} ... {valid[-1]}")
+            raise ConfigError(f"{where}: unknown block '{name}'; valid blocks look like {valid[0]} ... {valid[-1]}")
 
 
-def remove_blocks(unet, names):
+def remove_blocks(unet, names, where="blocks"):
     """Replace the named motion modules with identities, in place. Returns the removed modules."""
-    _check_block_names(unet, names)
+    _check_block_names(unet, names, where)
     old = {}
     for name in names:
         parent, index = name.rsplit(".", 1)
@@ -623,10 +623,14 @@ def load_unet(args, student=None, dtype=None):
     adapter = MotionAdapter.from_pretrained(args.motion_adapter, torch_dtype=dtype)
     unet = UNetMotionModel.from_unet2d(unet2d, adapter)
     if meta is not None:
-        remove_blocks(unet, meta["removed_blocks"])
+        remove_blocks(unet, meta["removed_blocks"], f"{student}/student.json: removed_blocks")
         from safetensors.torch import load_file
 
-        state = load_file(os.path.join(student, "student.safetensors"))
+        try:
+            state = load_file(os.path.join(student, "student.safetensors"))
+        except Exception as e:
+            raise ConfigError(f"{student}/student.safetensors: cannot read ({str(e).splitlines()[0][:120]}); "
+                              f"expected the safetensors file written with student.json") from None
         missing, unexpected = unet.load_state_dict(state, strict=False)
         expected = set(_student_state(unet, meta["weights"]))
         if unexpected or expected & set(missing):
@@ -893,6 +897,8 @@ def run_items(items, work, out_path, accelerator, desc, batch_size=1):
 
     mine = items[accelerator.process_index::accelerator.num_processes]
     todo = [it for it in mine if not os.path.exists(out_path(it["id"]))]
+    done = sum(os.path.exists(out_path(it["id"])) for it in items)
+    accelerator.print(f"{desc}: {len(items)} items on {accelerator.num_processes} process(es), {done} already done")
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=desc, disable=not accelerator.is_main_process)
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]

@@ -26,6 +26,7 @@ OPTIONS = {
     "student": (None, "current student folder (default: the full model M0, stage 1)"),
     "prune_prompts": ("configs/prompts/curation.txt", "prompts of the block scan (the first --num_prune_prompts)"),
     "num_prune_prompts": (16, "prompts per candidate block"),
+    "candidates": ([], "block names to consider (default: every motion module still present)"),
     "num_blocks": (1, "blocks removed this stage"),
     "prune_params": (None, "instead of --num_blocks: remove the best-ranked blocks until at least this many "
                            "motion-module parameters are gone"),
@@ -77,6 +78,13 @@ def main(args):
         pipes["teacher"] = common.with_unet(pipe, common.load_unet(args, dtype=dtype).to(accelerator.device))
     reward = common.load_reward(args, device=accelerator.device)
     blocks = common.list_blocks(unet)
+    if args.candidates:
+        present = [b["name"] for b in blocks]
+        for name in args.candidates:
+            if name not in present:
+                raise common.ConfigError(f"prune.candidates: no block '{name}' left to remove; blocks present: "
+                                         f"{', '.join(present)}")
+        blocks = [b for b in blocks if b["name"] in args.candidates]
     block_names = {b["name"] for b in blocks}
     if not blocks:
         raise common.ConfigError(f"{args.student}: every block is already removed; nothing left to prune")

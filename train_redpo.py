@@ -73,8 +73,11 @@ class PairDataset(torch.utils.data.Dataset):
     def __init__(self, manifests):
         self.rows = []
         for manifest in manifests:
-            for row in common.read_manifest(manifest):
-                self.rows.append({"prompt": row["prompt"], "latents": os.path.join(os.path.dirname(manifest), row["latents"])})
+            root = os.path.dirname(manifest)
+            for i, row in enumerate(common.read_manifest(manifest), 1):
+                for key in ("winner", "loser"):  # a pair whose videos are gone or broken is not a pair
+                    check_mp4(os.path.join(root, row[key]), f"{manifest}:{i}: {key}")
+                self.rows.append({"prompt": row["prompt"], "latents": os.path.join(root, row["latents"])})
         if not self.rows:
             raise common.ConfigError(f"{', '.join(manifests)}: no pairs to train on")
 
@@ -91,6 +94,17 @@ class PairDataset(torch.utils.data.Dataset):
         except Exception as e:
             raise common.ConfigError(f"{row['latents']}: cannot read latents ({e}); expected a safetensors "
                                      f"file with 'winner' and 'loser' tensors") from None
+
+
+def check_mp4(path, where):
+    """Cheap: the file exists and starts like an MP4 (an 'ftyp' box), without decoding it."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+    except OSError:
+        raise common.ConfigError(f"{where}: {path} is missing; expected the MP4 curate.py wrote") from None
+    if head[4:8] != b"ftyp":
+        raise common.ConfigError(f"{where}: {path} is not an MP4 (corrupt or truncated)")
 
 
 def collate(rows):

@@ -29,3 +29,63 @@ def tiny_args(tiny_dir):
     args.motion_adapter = str(tiny_dir / "motion_adapter")
     args.num_frames, args.height, args.width, args.num_inference_steps = 8, 64, 64, 4
     return args
+
+
+@pytest.fixture(scope="session")
+def tiny_reward(tiny_dir):
+    import common
+
+    return common.build_tiny_videoscore(str(tiny_dir / "videoscore"))
+
+
+FAST = {  # the tiny config, cut down so a whole stage takes seconds
+    "model": {"build_tiny": False, "num_frames": 4, "height": 64, "width": 64, "num_inference_steps": 3,
+              "guidance_scale": 7.5, "generation_batch_size": 4},
+    "reward": {"reward_num_frames": 4, "reward_batch_size": 8},
+    "prune": {"num_prune_prompts": 2, "num_blocks": 1},
+    "curate": {"max_prompts": 4, "tau_p": -1000.0},
+    "train": {"max_train_steps": 4, "checkpointing_steps": 2, "train_batch_size": 2, "logging_steps": 1,
+              "learning_rate": 1.0e-4, "lr_warmup_steps": 0},
+    "eval": {"num_eval_prompts": 2, "latency_runs": 1},
+}
+
+
+@pytest.fixture(scope="session")
+def fast_config(tiny_dir, tiny_reward, tmp_path_factory):
+    """configs/tiny.yaml pointed at the session's tiny models, with FAST's overrides: a path."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    for section, values in FAST.items():
+        config[section].update(values)
+    config["model"]["pretrained_model_name_or_path"] = str(tiny_dir / "sd")
+    config["model"]["motion_adapter"] = str(tiny_dir / "motion_adapter")
+    config["reward"]["reward_model"] = tiny_reward
+    for section, key in (("prune", "prune_prompts"), ("curate", "curation_prompts"), ("eval", "eval_prompts")):
+        config[section][key] = str(ROOT / config[section][key])
+    path = tmp_path_factory.mktemp("config") / "fast config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return str(path)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator():
+    """Accelerator state is a process-wide singleton: scripts called in-process each get a new one."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+
+
+def run_script(*args, env=None, check=True, timeout=600):
+    """Run a script of the repo as a user does; returns the CompletedProcess."""
+    import subprocess
+
+    full_env = {**os.environ, **(env or {})}
+    out = subprocess.run(list(args), cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {out.returncode}:\n{out.stderr[-3000:]}")
+    return out

@@ -1,0 +1,148 @@
+"""The four stage scripts, called in-process on tiny models, checked on what they write.
+Run: python -m pytest -q tests/test_stages.py"""
+import json
+import os
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import common
+import curate
+import evaluate
+import prune
+import train_redpo
+
+
+@pytest.fixture(scope="module")
+def stage(tmp_path_factory):
+    return tmp_path_factory.mktemp("stage 1")
+
+
+def test_prune_ranks_every_block_and_removes_the_cheapest(fast_config, stage, capsys):
+    out = stage / "prune"
+    args = prune.parse_args(["--config", fast_config, "--output_dir", str(out), "--num_blocks", "2"])
+    prune.main(args)
+    r = json.loads((out / "ranking.json").read_text())
+    aspects = r["aspects"]
+    assert len(r["candidates"]) == 11
+    for c in r["candidates"]:
+        assert c["delta"] == pytest.approx({a: c["scores"][a] - r["unpruned"][a] for a in aspects})
+        assert c["cost"] == pytest.approx(-sum(c["delta"].values()) / len(aspects))
+    costs = sorted(c["cost"] for c in r["candidates"])
+    assert [c["cost"] for c in r["candidates"]] == costs
+    assert r["chosen"] == [c["name"] for c in r["candidates"][:2]]
+    assert r["teacher"] == r["unpruned"]  # stage 1 prunes M0 itself
+    assert r["targets"] == [a for a in aspects if r["pruned"][a] < r["teacher"][a]] or r["targets"] == aspects
+    student = json.loads((out / "student" / "student.json").read_text())
+    assert sorted(student["removed_blocks"]) == sorted(r["chosen"])
+    assert r["motion_parameters"]["after"] == r["motion_parameters"]["before"] - sum(
+        c["params"] for c in r["candidates"][:2])
+    assert yaml.safe_load((out / "config.yaml").read_text())["prune"]["num_blocks"] == 2
+    assert "(removed)" in (out / "ranking.md").read_text()
+
+    # A rerun with the same config does nothing; the scan is one JSON per (variant, prompt).
+    before = (out / "ranking.json").stat().st_mtime_ns
+    prune.main(prune.parse_args(["--config", fast_config, "--output_dir", str(out), "--num_blocks", "2"]))
+    assert "skipping" in capsys.readouterr().out
+    assert (out / "ranking.json").stat().st_mtime_ns == before
+    assert len(list((out / "scan").glob("*.json"))) == 12 * 2 + 2  # (11 blocks + unpruned) x 2 prompts + pruned
+
+
+def test_prune_by_parameter_budget_and_candidates(fast_config, tmp_path):
+    ups = ["up_blocks.1.motion_modules.0", "up_blocks.1.motion_modules.1", "up_blocks.0.motion_modules.0"]
+    prune.main(prune.parse_args(["--config", fast_config, "--output_dir", str(tmp_path), "--candidates", ",".join(ups),
+                                 "--prune_params", "100000"]))
+    r = json.loads((tmp_path / "ranking.json").read_text())
+    assert sorted(c["name"] for c in r["candidates"]) == sorted(ups)
+    removed = sum(c["params"] for c in r["candidates"] if c["name"] in r["chosen"])
+    assert removed >= 100000 and removed - r["candidates"][len(r["chosen"]) - 1]["params"] < 100000
+
+
+def test_curate_keeps_pairs_where_teacher_wins(fast_config, stage):
+    out = stage / "curate"
+    args = curate.parse_args(["--config", fast_config, "--output_dir", str(out), "--student",
+                              str(stage / "prune" / "student"), "--ranking", str(stage / "prune" / "ranking.json")])
+    curate.main(args)
+    targets = json.loads((stage / "prune" / "ranking.json").read_text())["targets"]
+    rows = common.read_manifest(out / "pairs.jsonl")
+    candidates = [json.loads(line) for line in (out / "candidates.jsonl").read_text().splitlines()]
+    assert len(candidates) == 4 and len(rows) == sum(c["kept"] for c in candidates) >= 1
+    for row in rows:
+        w = sum(row["winner_scores"][a] for a in targets) / len(targets)
+        l = sum(row["loser_scores"][a] for a in targets) / len(targets)
+        assert w > l > -1000.0
+        assert 5 <= len(row["prompt"].split()) <= 25
+        frames = common.read_video(out / row["winner"])
+        assert frames.shape == (4, 64, 64, 3)
+        latents = load_file(out / row["latents"])
+        assert latents["winner"].shape == latents["loser"].shape == (4, 4, 8, 8)
+        assert not torch.equal(latents["winner"], latents["loser"])  # teacher and student differ
+    # Scores in the manifest are the reward's scores of the MP4s' source frames.
+    assert all(c["reason"] in ("kept", "teacher_not_better", "loser_below_tau_p") for c in candidates)
+    kept_prompts = (out / "prompts.txt").read_text().splitlines()
+    assert all(curate.keyword_relevant([p], targets)[0] for p in kept_prompts)
+
+
+def test_keyword_filter_and_pair_rule():
+    assert curate.keyword_relevant(["a horse gallops across a field", "a quiet empty room"],
+                                   ["dynamic_degree"]) == [True, False]
+    assert curate.keyword_relevant(["three red apples on a wooden table"], ["text_alignment"]) == [True]
+    w, l = {"a": 3.0, "b": 2.0}, {"a": 2.5, "b": 2.2}
+    assert curate.pair_passes(w, l, ["a", "b"], 2.0, "mean") == (True, "kept")          # 2.5 > 2.35 > 2.0
+    assert curate.pair_passes(w, l, ["a", "b"], 2.0, "each") == (False, "teacher_not_better")  # b: 2.0 < 2.2
+    assert curate.pair_passes(w, l, ["a", "b"], 2.4, "mean") == (False, "loser_below_tau_p")
+
+
+def test_train_moves_the_student_and_keeps_the_pruned_layout(fast_config, stage):
+    out = stage / "train"
+    train_redpo.main(train_redpo.parse_args([
+        "--config", fast_config, "--output_dir", str(out), "--student", str(stage / "prune" / "student"),
+        "--pairs", str(stage / "curate" / "pairs.jsonl")]))
+    meta = json.loads((out / "student" / "student.json").read_text())
+    init = json.loads((stage / "prune" / "student" / "student.json").read_text())
+    assert meta["removed_blocks"] == init["removed_blocks"] and meta["steps"] == 4 and meta["loss_type"] == "redpo"
+    trained = load_file(out / "student" / "student.safetensors")
+    start = load_file(stage / "prune" / "student" / "student.safetensors")
+    assert trained.keys() == start.keys()
+    assert any(not torch.equal(trained[k], start[k]) for k in trained)
+    assert sorted(os.listdir(out)) == ["checkpoint-2", "checkpoint-4", "config.yaml", "metrics.jsonl", "student"]
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in logged] == [1, 2, 3, 4]
+    assert {"loss", "dpo_loss", "sft_loss", "implicit_acc", "reward_margin", "lr"} <= logged[0].keys()
+
+
+@pytest.mark.parametrize("loss_type", ["sft", "dpo"])
+def test_ablations_are_switches(fast_config, stage, tmp_path, loss_type):
+    train_redpo.main(train_redpo.parse_args([
+        "--config", fast_config, "--output_dir", str(tmp_path), "--student", str(stage / "prune" / "student"),
+        "--pairs", str(stage / "curate" / "pairs.jsonl"), "--loss_type", loss_type, "--max_train_steps", "2"]))
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    term = {"sft": "sft_loss", "dpo": "dpo_loss"}[loss_type]
+    assert all(m["loss"] == pytest.approx(m[term]) for m in logged)
+
+
+def test_evaluate_writes_the_paper_table(fast_config, stage):
+    out = stage / "eval"
+    students = [str(stage / "prune" / "student"), str(stage / "train" / "student")]
+    evaluate.main(evaluate.parse_args(["--config", fast_config, "--output_dir", str(out), "--students", ",".join(students)]))
+    report = json.loads((out / "eval.json").read_text())
+    teacher, pruned, trained = report["models"]
+    assert teacher["label"] == "teacher (M0)" and pruned["path"] == students[0]
+    assert pruned["motion_parameters"] < teacher["motion_parameters"]
+    assert pruned["flops_per_step"] < teacher["flops_per_step"]
+    assert trained["motion_parameters"] == pruned["motion_parameters"]
+    for m in report["models"]:
+        assert m["average"] == pytest.approx(sum(m["scores"][a] for a in report["aspects"]) / 4)
+        assert m["latency_s"] > 0 and len(m["videos"]) == 2
+        assert all(common.read_video(out / v).shape == (4, 64, 64, 3) for v in m["videos"])
+    table = (out / "eval.md").read_text()
+    assert "| Model | Visual Quality | Temporal Consist. | Dynamic Degree | Text Align. | Average |" in table
+    assert table.count("\n| ") == 4  # header + 3 models
+
+    # Adding a student reuses the cached results of the others.
+    cached = sorted(p.name for p in (out / "items").iterdir())
+    evaluate.main(evaluate.parse_args(["--config", fast_config, "--output_dir", str(out), "--students", students[1]]))
+    assert sorted(p.name for p in (out / "items").iterdir()) == cached
+    assert len(json.loads((out / "eval.json").read_text())["models"]) == 2
