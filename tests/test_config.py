@@ -77,3 +77,26 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     assert list(tmp_path.iterdir()) == []
     common.atomic_write_json(target, {"a": 1})
     assert target.read_text() == '{\n  "a": 1\n}\n' and len(list(tmp_path.iterdir())) == 1
+
+
+def test_prompts_from_text_jsonl_and_csv(tmp_path):
+    (tmp_path / "p.txt").write_text("a cat runs\n\n  two   dogs  swim \n")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a cat runs", "id": 1}\n\n{"prompt": "two dogs swim"}\n')
+    (tmp_path / "p.csv").write_text('id,prompt,user\n1,"a cat runs",x\n2,"two dogs swim, fast",y\n')
+    assert common.read_prompts(tmp_path / "p.txt") == ["a cat runs", "two dogs swim"]
+    assert common.read_prompts(tmp_path / "p.jsonl") == ["a cat runs", "two dogs swim"]
+    assert common.read_prompts(tmp_path / "p.csv") == ["a cat runs", "two dogs swim, fast"]
+    assert len(common.read_prompts(common.__file__.replace("common.py", "configs/prompts/curation.txt"))) == 320
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("e.txt", "\n \n", "e.txt: no prompts; expected one prompt a line"),
+    ("b.jsonl", '{"prompt": "ok"}\n{"text": "no prompt key"}\n', "b.jsonl:2: expected a JSON object with a 'prompt' string"),
+    ("c.csv", "id,text\n1,hello\n", "c.csv: expected a CSV header with a 'prompt' column"),
+])
+def test_bad_prompt_files(tmp_path, name, text, message):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        common.read_prompts(tmp_path / name)
+    with pytest.raises(ConfigError, match="cannot read prompts"):
+        common.read_prompts(tmp_path / "missing.txt")
