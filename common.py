@@ -30,7 +30,7 @@ class ConfigError(ValueError):
 SECTIONS = ("model", "reward", "prune", "curate", "train", "eval")
 
 MODEL_OPTIONS = {
-    "backend": ("animatediff", "model family; only 'animatediff' so far"),
+    "backend": ("animatediff", "model family: animatediff | world (AnimateDiff's classes over world.py's pixel VAE)"),
     "pretrained_model_name_or_path": ("stable-diffusion-v1-5/stable-diffusion-v1-5",
                                       "SD1.5 base: hub id or local folder (unet, vae, text_encoder, tokenizer, scheduler)"),
     "motion_adapter": ("guoyww/animatediff-motion-adapter-v1-5-2", "motion adapter: hub id or local folder"),
@@ -46,7 +46,7 @@ MODEL_OPTIONS = {
 }
 
 REWARD_OPTIONS = {
-    "reward": ("videoscore", "reward model family: videoscore"),
+    "reward": ("videoscore", "videoscore | world (world.py's exact reward, for the world's prompts)"),
     "reward_model": ("TIGER-Lab/VideoScore-v1.1", "VideoScore hub id or local folder"),
     "reward_num_frames": (None, "frames the reward sees (default: 48 for v1.1, 16 for v1)"),
     "reward_batch_size": (4, "videos per reward forward"),
@@ -474,9 +474,13 @@ def build_tiny_videoscore(out_dir, seed=0, image_size=32, image_seq_len=4, hidde
 
 
 def load_reward(args, device=None):
-    """The reward of the config (`reward: videoscore`), built tiny first when `build_tiny` is set."""
+    """The reward of the config (`reward: videoscore | world`), built tiny first when `build_tiny` is set."""
+    if args.reward == "world":
+        from world import WorldReward
+
+        return WorldReward()
     if args.reward != "videoscore":
-        raise ConfigError(f"reward.reward: expected videoscore; got {args.reward!r}")
+        raise ConfigError(f"reward.reward: expected videoscore or world; got {args.reward!r}")
     if args.build_tiny and not os.path.exists(os.path.join(args.reward_model, "config.json")):
         build_tiny_videoscore(args.reward_model)
     dtype = weight_dtype(args.mixed_precision) if args.mixed_precision != "no" else None
@@ -690,9 +694,14 @@ def load_pipeline(args, unet, device=None, dtype=None):
     from diffusers import AnimateDiffPipeline, AutoencoderKL, DDIMScheduler
 
     base = args.pretrained_model_name_or_path
+    if args.backend not in ("animatediff", "world"):
+        raise ConfigError(f"model.backend: expected animatediff or world; got {args.backend!r}")
+    vae_class = AutoencoderKL
+    if args.backend == "world":
+        from world import PixelVAE as vae_class
     text_encoder, tokenizer = load_text_encoder(args, dtype=dtype)
     pipe = AnimateDiffPipeline(
-        vae=AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=dtype),
+        vae=vae_class.from_pretrained(base, subfolder="vae", torch_dtype=dtype),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
@@ -712,15 +721,15 @@ def with_unet(pipe, unet):
 
 
 def load_text_encoder(args, dtype=None):
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import AutoTokenizer, CLIPTextModel
 
     base = args.pretrained_model_name_or_path
     text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", dtype=dtype)
-    return text_encoder.eval().requires_grad_(False), CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
+    return text_encoder.eval().requires_grad_(False), AutoTokenizer.from_pretrained(base, subfolder="tokenizer")
 
 
 def encode_prompts(text_encoder, tokenizer, prompts, device):
-    """CLIP's last hidden state over 77 padded tokens (B, 77, D), as the pipeline conditions on."""
+    """CLIP's last hidden state over the padded tokens (B, 77, D for SD), as the pipeline conditions on."""
     ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids.to(device)
     return text_encoder(ids)[0]

@@ -29,6 +29,7 @@ OPTIONS = {
     "students": ([], "student folders to evaluate beside the teacher M0; comma-separated or a YAML list"),
     "eval_prompts": ("configs/prompts/eval.txt", "held-out prompts (never the curation prompts)"),
     "num_eval_prompts": (None, "use the first this many prompts (default: all)"),
+    "videos_per_prompt": (1, "videos per prompt, each with its own seed"),
     "latency_runs": (3, "timed generations per model (after one warm-up); the median is reported"),
     "seed": (1234, "video i uses seed + i, for every model"),
 }
@@ -102,8 +103,9 @@ def main(args):
     pipe = common.load_pipeline(args, unets["teacher"], device=accelerator.device, dtype=dtype)
     pipes = {k: pipe if k == "teacher" else common.with_unet(pipe, u) for k, u in unets.items()}
 
-    items = [{"id": f"{k}__{i:04d}", "model": k, "prompt": p, "seed": args.seed + i}
-             for k in unets for i, p in enumerate(prompts)]
+    n = args.videos_per_prompt
+    items = [{"id": f"{k}__{i:04d}_{j}", "model": k, "prompt": p, "seed": args.seed + i * n + j}
+             for k in unets for i, p in enumerate(prompts) for j in range(n)]
 
     def work(chunk):
         results = {}
@@ -124,7 +126,7 @@ def main(args):
         models = []
         for path, (k, unet) in zip(paths, unets.items()):
             mine = [r for r in results if r["model"] == k]
-            scores = {a: sum(r["scores"][a] for r in mine) / len(mine) for a in common.ASPECTS}
+            scores = {a: sum(r["scores"][a] for r in mine) / len(mine) for a in mine[0]["scores"]}
             models.append({
                 "label": label(path), "path": path or "M0", "key": k, "scores": scores,
                 "average": sum(scores[a] for a in args.aspects) / len(args.aspects),

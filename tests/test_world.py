@@ -1,0 +1,153 @@
+"""The exact-reward world: renderer, reward aspects under corruptions, pixel VAE, the teacher's
+training script, and a short loop on the committed teacher. Run: python -m pytest -q tests/test_world.py"""
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import common
+import world
+from conftest import ROOT, run_script
+
+
+def centre(frame):
+    return world.frame_stats(frame)["centre"]
+
+
+@pytest.mark.parametrize("prompt", ["a red square moves left slowly", "a blue triangle moves up quickly",
+                                    "a green circle moves right quickly"])
+def test_render_draws_the_prompt(prompt):
+    colour, shape, direction, speed = world.parse_prompt(prompt)
+    clip = world.render(prompt, seed=7)
+    assert clip.shape == (8, 16, 16, 3) and clip.dtype == np.uint8
+    assert np.array_equal(clip, world.render(prompt, seed=7)) and not np.array_equal(clip, world.render(prompt, seed=8))
+    lit = clip.max(-1) > 0
+    assert lit[:, 0, :].sum() + lit[:, -1, :].sum() + lit[:, :, 0].sum() + lit[:, :, -1].sum() < 8 * 12  # inside
+    channel = list(world.COLOURS).index(colour)
+    assert (clip[..., channel] >= clip.max(-1)).all() and clip[..., channel].max() == 255
+    velocity = (centre(clip[-1]) - centre(clip[0])) / 7
+    assert velocity == pytest.approx(np.array(world.DIRECTIONS[direction]) * world.SPEEDS[speed], abs=0.02)
+
+
+def test_prompt_split_and_files():
+    train, held = world.split_prompts()
+    assert len(train) == 62 and len(held) == 10 and not set(train) & set(held)
+    for words in (world.COLOURS, world.SHAPES, world.DIRECTIONS, world.SPEEDS):
+        assert all(any(f" {w} " in f" {p} " for p in train) for w in words)  # every attribute is trained
+    assert (ROOT / "configs/prompts/world_train.txt").read_text().splitlines() == train
+    assert (ROOT / "configs/prompts/world_eval.txt").read_text().splitlines() == held
+    with pytest.raises(ValueError, match="not a world prompt"):
+        world.parse_prompt("a purple square moves left slowly")
+
+
+def test_rendered_clips_score_near_the_top():
+    scores = [world.score_clip(world.render(p, s), p) for p in world.all_prompts() for s in range(2)]
+    for a in world.ASPECTS:
+        values = np.array([s[a] for s in scores])
+        assert values.mean() > 3.85 and values.min() > 3.2, a
+
+
+def blur(clip):
+    k = np.array([0.25, 0.5, 0.25])
+    x = clip.astype(np.float32)
+    for axis in (1, 2):
+        x = np.apply_along_axis(lambda r: np.convolve(r, k, mode="same"), axis, x)
+    return x.round().astype(np.uint8)
+
+
+def corruptions(prompt, clip, rng):
+    colour, shape, direction, speed = world.parse_prompt(prompt)
+    other = {"red": "green", "green": "blue", "blue": "red"}[colour]
+    back = {"left": "right", "right": "left", "up": "down", "down": "up"}[direction]
+    dim = clip.astype(np.float32)
+    dim[1::2] *= 0.55
+    return {
+        "visual_quality": [blur(clip), np.clip(clip + rng.normal(0, 6, clip.shape), 0, 255).astype(np.uint8)],
+        "temporal_consistency": [dim.round().astype(np.uint8)],                      # flicker
+        "dynamic_degree": [np.repeat(clip[:1], len(clip), axis=0)],                  # frozen
+        "text_alignment": [world.render(world.prompt_of(other, shape, direction, speed), 1),   # wrong colour
+                           world.render(world.prompt_of(colour, shape, back, speed), 1)],     # wrong direction
+    }
+
+
+def test_each_corruption_lowers_its_aspect_and_not_the_others():
+    rng = np.random.default_rng(0)
+    prompts = world.all_prompts()[::3]
+    clean = {p: world.score_clip(world.render(p, 1), p) for p in prompts}
+    drops = {}  # (aspect corrupted, which corruption) -> mean drop of every aspect
+    for p in prompts:
+        for target, clips in corruptions(p, world.render(p, 1), rng).items():
+            for i, clip in enumerate(clips):
+                s = world.score_clip(clip, p)
+                for a in world.ASPECTS:
+                    drops.setdefault((target, i), {}).setdefault(a, []).append(clean[p][a] - s[a])
+    for (target, i), by_aspect in drops.items():
+        mean = {a: float(np.mean(v)) for a, v in by_aspect.items()}
+        others = max(v for a, v in mean.items() if a != target)
+        assert mean[target] >= 0.9, (target, i, mean)
+        assert others <= 0.6 and mean[target] >= 3 * max(others, 0.01), (target, i, mean)
+
+
+def test_pixel_vae_is_lossless(tmp_path):
+    vae = world.PixelVAE(block_out_channels=(2, 2, 2), layers_per_block=1, norm_num_groups=2, latent_channels=48,
+                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3)
+    clips = np.stack([world.render("a red circle moves up slowly", 0), world.render("a blue square moves left quickly", 3)])
+    latents = world.frames_to_latents(clips)
+    assert latents.shape == (2, 48, 8, 4, 4) and latents.min() >= 0 and latents.max() <= 1
+    frames = latents.permute(0, 2, 1, 3, 4).flatten(0, 1)
+    pixels = vae.decode(frames).sample  # [-1, 1]
+    back = ((pixels + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).reshape(2, 8, 16, 16, 3)
+    assert np.array_equal(back.numpy(), clips)
+    x = torch.from_numpy(clips[0]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    assert torch.allclose(vae.encode(x).latent_dist.mode(), frames[:8], atol=1e-6)
+
+
+def test_teacher_training_script_runs_and_resumes(tmp_path):
+    out = tmp_path / "teacher"
+    world.main(world.parse_args(["--output_dir", str(out), "--max_train_steps", "2", "--checkpointing_steps", "2",
+                                 "--train_batch_size", "2"]))
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    assert state["step"] == 2
+    world.main(world.parse_args(["--output_dir", str(out), "--max_train_steps", "3", "--checkpointing_steps", "3",
+                                 "--train_batch_size", "2"]))
+    assert torch.load(out / "train_state.pt", weights_only=True)["step"] == 3
+    args = common.parse_config(["--config", str(ROOT / "configs/world.yaml"), "--pretrained_model_name_or_path",
+                                str(out / "sd"), "--motion_adapter", str(out / "motion_adapter"),
+                                "--num_inference_steps", "2"], "t", {"model": common.MODEL_OPTIONS})
+    unet = common.load_unet(args)
+    trained = torch.load(out / "train_state.pt", weights_only=True)["unet"]
+    assert all(torch.equal(unet.state_dict()[k], v) for k, v in trained.items())  # saved == trained, split and rejoined
+    frames = common.generate(common.load_pipeline(args, unet), ["a red square moves left slowly"], [0], args)
+    assert frames.shape == (1, 8, 16, 16, 3)
+
+
+def test_committed_teacher_is_small_and_loads():
+    sizes = [os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(ROOT / "weights" / "world") for f in fs
+             if not f.startswith("train_state")]
+    assert 0 < sum(sizes) <= 20 * 2 ** 20
+    args = common.parse_config(["--config", str(ROOT / "configs/world.yaml")], "t", {"model": common.MODEL_OPTIONS})
+    args.pretrained_model_name_or_path = str(ROOT / args.pretrained_model_name_or_path)
+    args.motion_adapter = str(ROOT / args.motion_adapter)
+    unet = common.load_unet(args)
+    assert len(common.list_blocks(unet)) == 7
+
+
+def test_a_short_loop_on_the_world(tmp_path):
+    config = yaml.safe_load((ROOT / "configs/world.yaml").read_text())
+    config["model"].update(num_inference_steps=4, pretrained_model_name_or_path=str(ROOT / "weights/world/sd"),
+                           motion_adapter=str(ROOT / "weights/world/motion_adapter"))
+    config["prune"].update(num_prune_prompts=2, num_blocks=1)
+    config["curate"].update(max_prompts=6, seeds_per_prompt=1, tau_p=1.0)
+    config["train"].update(max_train_steps=2, train_batch_size=2)
+    config["eval"].update(num_eval_prompts=2, videos_per_prompt=1, latency_runs=1)
+    path = tmp_path / "world.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run_script("bash", "vip_loop.sh", "world", "1", env={"CONFIG": str(path), "RUN_DIR": str(tmp_path / "run")})
+    report = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())
+    assert [m["label"] for m in report["models"]] == ["teacher (M0)", "stage_1/prune", "stage_1/train"]
+    assert set(report["models"][0]["scores"]) == set(world.ASPECTS)
+    assert all(1.0 <= v <= 4.0 for m in report["models"] for v in m["scores"].values())

@@ -1,0 +1,363 @@
+"""An exact-reward world: coloured shapes moving on black, small enough to train a teacher on a CPU.
+
+Prompts come from a grammar ("a red square moves left slowly"); a deterministic renderer makes the
+clip; `WorldReward` scores any clip on VideoScore's aspects (1-4) by locating the object in each
+frame. The teacher M0 is an AnimateDiff-layout model (UNetMotionModel, CLIP text encoder) over a
+lossless pixel "VAE", so prune/curate/train/evaluate run on it unchanged (`configs/world.yaml`).
+
+Train the teacher once (weights are committed in weights/world/, so the default needs no training):
+
+    python world.py --output_dir weights/world --max_train_steps 12000
+"""
+
+import argparse
+import itertools
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SIZE, FRAMES, OBJECT = 16, 8, 6  # pixels per side, frames per clip, object width in pixels
+FACTOR = 4  # space-to-depth: 16x16x3 pixels are 4x4x48 latents
+COLOURS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0)}
+SHAPES = ("square", "circle", "triangle")
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+SPEEDS = {"slowly": 0.5, "quickly": 1.0}  # pixels per frame
+
+
+def prompt_of(colour, shape, direction, speed):
+    return f"a {colour} {shape} moves {direction} {speed}"
+
+
+def parse_prompt(prompt):
+    """(colour, shape, direction, speed) of a world prompt; ValueError for anything else."""
+    words = prompt.lower().split()
+    if len(words) != 6 or words[0] != "a" or words[3] != "moves" or words[1] not in COLOURS \
+            or words[2] not in SHAPES or words[4] not in DIRECTIONS or words[5] not in SPEEDS:
+        raise ValueError(f"not a world prompt: {prompt!r}; expected 'a <{'|'.join(COLOURS)}> <{'|'.join(SHAPES)}> "
+                         f"moves <{'|'.join(DIRECTIONS)}> <{'|'.join(SPEEDS)}>'")
+    return words[1], words[2], words[4], words[5]
+
+
+def all_prompts():
+    return [prompt_of(*c) for c in itertools.product(COLOURS, SHAPES, DIRECTIONS, SPEEDS)]
+
+
+def split_prompts():
+    """(train, held_out): one combination in six is never seen in training; every colour, shape,
+    direction and speed still is, so held-out prompts test composition."""
+    train, held = [], []
+    for idx in itertools.product(range(len(COLOURS)), range(len(SHAPES)), range(len(DIRECTIONS)), range(len(SPEEDS))):
+        words = (list(COLOURS)[idx[0]], SHAPES[idx[1]], list(DIRECTIONS)[idx[2]], list(SPEEDS)[idx[3]])
+        (held if sum(idx) % 6 == 0 else train).append(prompt_of(*words))
+    return train, held
+
+
+def _shape_mask(shape, cx, cy, scale=8):
+    """Coverage in [0, 1] of each pixel by the shape centred at (cx, cy), by 8x8 supersampling."""
+    n = SIZE * scale
+    ys, xs = np.mgrid[0:n, 0:n]
+    x, y = (xs + 0.5) / scale - cx, (ys + 0.5) / scale - cy
+    r = OBJECT / 2
+    if shape == "square":
+        inside = (np.abs(x) <= r) & (np.abs(y) <= r)
+    elif shape == "circle":
+        inside = x ** 2 + y ** 2 <= r ** 2
+    else:  # triangle, apex up: |x| shrinks linearly from the base (y = r) to the apex (y = -r)
+        inside = (y <= r) & (y >= -r) & (np.abs(x) <= (y + r) / 2)
+    return inside.reshape(SIZE, scale, SIZE, scale).mean(axis=(1, 3))
+
+
+def render(prompt, seed):
+    """The clip of a prompt: uint8 (FRAMES, SIZE, SIZE, 3). The seed picks the start position."""
+    colour, shape, direction, speed = parse_prompt(prompt)
+    (dx, dy), v = DIRECTIONS[direction], SPEEDS[speed]
+    travel = v * (FRAMES - 1)
+    rng = np.random.default_rng(seed)
+    lo, hi = OBJECT / 2, SIZE - OBJECT / 2
+
+    def start(d):  # anywhere the whole path stays inside the frame
+        return rng.uniform(lo + travel * (d < 0), hi - travel * (d > 0))
+
+    x0, y0 = start(dx), start(dy)
+    frames = np.empty((FRAMES, SIZE, SIZE, 3), dtype=np.float32)
+    for t in range(FRAMES):
+        frames[t] = _shape_mask(shape, x0 + dx * v * t, y0 + dy * v * t)[..., None] * np.array(COLOURS[colour])
+    return (frames * 255).round().astype(np.uint8)
+
+
+
+# -----------------------------------------------------------------------------
+# The exact reward: VideoScore's aspects, 1 (bad) to 4 (perfect), measured on the object itself.
+
+ASPECTS = ("visual_quality", "temporal_consistency", "dynamic_degree", "text_alignment")
+# Shape prototypes as rendered: (area / bounding-box area, third moment of the light along y).
+SHAPE_FEATURES = {"square": (0.98, 0.0), "circle": (0.76, 0.0), "triangle": (0.64, -1.4)}
+
+
+def _components(mask):
+    """4-connected component labels of a small boolean mask (0: background)."""
+    h, w = mask.shape
+    labels = np.where(mask, np.arange(1, h * w + 1).reshape(h, w), 0)
+    while True:  # each pass lets every pixel take its smallest neighbouring label
+        padded = np.pad(labels, 1, constant_values=h * w + 1)
+        nbrs = np.stack([padded[1:-1, 1:-1], padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:]])
+        nbrs = np.where(nbrs == 0, h * w + 1, nbrs).min(0)
+        new = np.where(mask, nbrs, 0)
+        if (new == labels).all():
+            return labels
+        labels = new
+
+
+def frame_stats(frame):
+    """The object of one frame: None when nothing is drawn, else its measurements. Size, place and
+    shape come from moments of the light near the object: exact under anti-aliasing, and a
+    symmetric blur leaves the centre and the third moment as they are."""
+    v = frame.astype(np.float32) / 255
+    light = v.max(-1)
+    peak = light.max()
+    if peak < 0.2:
+        return None
+    mask = light > 0.5 * peak  # relative: a dimmed frame keeps its shape
+    labels = _components(mask)
+    ids, counts = np.unique(labels[labels > 0], return_counts=True)
+    obj = labels == ids[counts.argmax()]
+    near = obj.copy()  # the object and a one-pixel rim, where anti-aliased edges live
+    for _ in range(1):
+        near[1:] |= near[:-1].copy(); near[:-1] |= near[1:].copy(); near[:, 1:] |= near[:, :-1].copy(); near[:, :-1] |= near[:, 1:].copy()  # noqa: E501, E702
+    w = light * near
+    mass = w.sum()
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
+    cx, cy = (w * xx).sum() / mass, (w * yy).sum() / mass
+    ys, xs = np.nonzero(obj)
+    edge = near & (light > 0.1 * peak) & (light < 0.9 * peak)
+    return {
+        "parts": len(ids),
+        "centre": np.array([cx, cy]),
+        "mass": mass,  # size times brightness
+        "spread": np.array([(w * (xx - cx) ** 2).sum(), (w * (yy - cy) ** 2).sum()]) / mass,
+        "skew": (w * (yy - cy) ** 3).sum() / mass,  # the upward triangle tails up: < 0
+        "fill": obj.sum() / ((np.ptp(xs) + 1) * (np.ptp(ys) + 1)),
+        "colour": (v * near[..., None]).sum((0, 1)) / (light * near).sum(),  # pure red is (1, 0, 0) at any coverage
+        "stray": (light * ~near).sum() / light.sum(),  # light that is not the object
+        "edge": edge.sum() / max(obj.sum(), 1),  # soft pixels per object pixel: blur raises it
+    }
+
+
+def _rate(x):
+    return float(1 + 3 * np.clip(x, 0, 1))
+
+
+def score_clip(frames, prompt):
+    """VideoScore's four aspects of one clip (F, H, W, 3) for a world prompt, each in [1, 4]."""
+    colour, shape, direction, speed = parse_prompt(prompt)
+    stats = [frame_stats(f) for f in frames]
+    seen = [s for s in stats if s is not None]
+    if len(seen) < 2:
+        return dict.fromkeys(ASPECTS, 1.0)
+    present = len(seen) / len(stats)
+
+    # Visual quality: one object, nothing else lit, crisp edges, a pure colour; per frame.
+    quality = [(1.0 / s["parts"]) * (1 - min(1.0, 8 * s["stray"])) * np.exp(-max(0.0, s["edge"] - 0.9) / 0.5)
+               * (s["colour"].max() / s["colour"].sum()) ** 2 for s in seen]
+    visual = present * np.mean(quality)
+
+    # Temporal consistency: the same size, brightness, colour and shape in every frame, and a steady path.
+    mass = np.array([s["mass"] for s in seen])
+    colours = np.stack([s["colour"] for s in seen])
+    spread = np.stack([s["spread"] for s in seen])
+    centres = np.stack([s["centre"] for s in seen])
+    jerk = np.linalg.norm(np.diff(centres, 2, axis=0), axis=1).mean() if len(seen) > 2 else 0.0
+    drift = (mass.std() / mass.mean() / 0.05 + np.linalg.norm(colours - colours.mean(0), axis=1).mean() / 0.08
+             + (spread.std(0) / spread.mean(0)).mean() / 0.08 + jerk / 0.3)
+    temporal = present * np.exp(-drift / 2)
+
+    # Dynamic degree: the fitted speed against the asked one.
+    t = np.array([i for i, s in enumerate(stats) if s is not None], dtype=np.float64)
+    velocity = np.polyfit(t, centres, 1)[0]  # (vx, vy) in pixels per frame
+    asked = SPEEDS[speed]
+    dynamic = np.exp(-(((np.linalg.norm(velocity) - asked) / (0.35 * asked)) ** 2))
+
+    # Text alignment: colour, shape and direction as asked (a still object contradicts no direction).
+    colour_match = max(0.0, float(colours.mean(0) @ np.array(COLOURS[colour])) / np.linalg.norm(colours.mean(0)))
+    fill = np.median([s["fill"] for s in seen])
+    skew = np.median([s["skew"] for s in seen])
+    likeness = {k: np.exp(-((fill - f) / 0.1) ** 2 - ((skew - k3) / 0.45) ** 2) for k, (f, k3) in SHAPE_FEATURES.items()}
+    shape_match = likeness[shape] / sum(likeness.values())
+    moved = np.linalg.norm(velocity)
+    direction_match = 1.0 if moved < 0.15 else max(0.0, float(velocity @ np.array(DIRECTIONS[direction])) / moved)
+    text = (colour_match + shape_match + direction_match) / 3
+    return {"visual_quality": _rate(visual), "temporal_consistency": _rate(temporal),
+            "dynamic_degree": _rate(dynamic), "text_alignment": _rate(text)}
+
+
+class WorldReward:
+    """The exact reward, with VideoScorer's interface: `score(videos, prompts)` over MP4 paths or
+    uint8 arrays (F, H, W, 3); one dict of aspects (1-4) per video."""
+
+    def score(self, videos, prompts):
+        import common
+
+        videos, prompts = list(videos), list(prompts)
+        if len(videos) != len(prompts):
+            raise ValueError(f"got {len(videos)} videos but {len(prompts)} prompts")
+        return [score_clip(common.read_video(v) if isinstance(v, (str, os.PathLike)) else np.asarray(v), p)
+                for v, p in zip(videos, prompts)]
+
+
+# -----------------------------------------------------------------------------
+# The teacher's model: AnimateDiff's classes over a lossless pixel "VAE".
+
+from diffusers import AutoencoderKL  # noqa: E402
+from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution  # noqa: E402
+from diffusers.models.modeling_outputs import AutoencoderKLOutput  # noqa: E402
+
+
+class PixelVAE(AutoencoderKL):
+    """Space-to-depth (FACTOR 4) in place of a trained VAE: latents are the pixels themselves in
+    [0, 1], black at 0, so the model need not learn the background. The encoder and decoder
+    weights of the parent class are tiny and unused; its config gives the pipeline a scale factor
+    of 4 (three levels) and a scaling factor of 1."""
+
+    def encode(self, x, return_dict=True):
+        z = F.pixel_unshuffle((x + 1) / 2, FACTOR)
+        dist = DiagonalGaussianDistribution(torch.cat([z, torch.zeros_like(z)], 1), deterministic=True)
+        return AutoencoderKLOutput(latent_dist=dist) if return_dict else (dist,)
+
+    def decode(self, z, return_dict=True, generator=None):
+        x = F.pixel_shuffle(z, FACTOR) * 2 - 1
+        return DecoderOutput(sample=x) if return_dict else (x,)
+
+
+def frames_to_latents(frames):
+    """uint8 clips (B, F, H, W, 3) -> latents (B, 48, F, H/4, W/4) in [0, 1], as PixelVAE encodes."""
+    x = torch.as_tensor(np.asarray(frames)).float().div(255)
+    b, f = x.shape[:2]
+    z = F.pixel_unshuffle(x.permute(0, 1, 4, 2, 3).reshape(b * f, 3, SIZE, SIZE), FACTOR)
+    return z.reshape(b, f, *z.shape[1:]).permute(0, 2, 1, 3, 4).contiguous()
+
+
+def _word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<unk>", "<s>", "</s>", "a", "moves", *COLOURS, *SHAPES, *DIRECTIONS, *SPEEDS]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 2), ("</s>", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", model_max_length=8, model_input_names=["input_ids", "attention_mask"])
+
+
+def build_world_models(base_dir, adapter_dir, seed=0, channels=(48, 96)):
+    """An untrained teacher in the AnimateDiff layout: base_dir (unet, vae, text_encoder,
+    tokenizer, scheduler, as SD1.5's folder) and adapter_dir (the motion modules)."""
+    from diffusers import DDPMScheduler, MotionAdapter, UNet2DConditionModel, UNetMotionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = _word_tokenizer()
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=8, bos_token_id=2, eos_token_id=3, pad_token_id=0))
+    unet2d = UNet2DConditionModel(
+        sample_size=SIZE // FACTOR, in_channels=3 * FACTOR ** 2, out_channels=3 * FACTOR ** 2,
+        block_out_channels=channels, layers_per_block=1,
+        norm_num_groups=16, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64, attention_head_dim=16)
+    adapter = MotionAdapter(block_out_channels=channels, motion_layers_per_block=1, motion_mid_block_layers_per_block=1,
+                            motion_num_attention_heads=4, motion_norm_num_groups=16, motion_max_seq_length=FRAMES)
+    vae = PixelVAE(block_out_channels=(2, 2, 2), layers_per_block=1, norm_num_groups=2, latent_channels=3 * FACTOR ** 2,
+                   down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                   sample_size=SIZE, scaling_factor=1.0)
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear", clip_sample=False,
+                              steps_offset=1)
+    for name, module in (("unet", unet2d), ("vae", vae), ("text_encoder", text_encoder), ("tokenizer", tokenizer),
+                         ("scheduler", scheduler)):
+        module.save_pretrained(os.path.join(base_dir, name))
+    adapter.save_pretrained(adapter_dir)
+    return UNetMotionModel.from_unet2d(unet2d, adapter), text_encoder, tokenizer
+
+
+def save_teacher(unet, text_encoder, base_dir, adapter_dir):
+    """Split the trained UNetMotionModel back into the SD UNet and the motion adapter."""
+    from diffusers import UNet2DConditionModel
+
+    unet2d = UNet2DConditionModel.from_pretrained(base_dir, subfolder="unet")
+    state = {k: v for k, v in unet.state_dict().items() if ".motion_modules." not in k}
+    unet2d.load_state_dict(state, strict=True)
+    unet2d.save_pretrained(os.path.join(base_dir, "unet"))
+    text_encoder.save_pretrained(os.path.join(base_dir, "text_encoder"))
+    unet.save_motion_modules(adapter_dir)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output_dir", default="weights/world", help="writes <output_dir>/sd and <output_dir>/motion_adapter")
+    p.add_argument("--max_train_steps", type=int, default=12000)
+    p.add_argument("--train_batch_size", type=int, default=16, help="clips per step")
+    p.add_argument("--learning_rate", type=float, default=1e-3)
+    p.add_argument("--lr_warmup_steps", type=int, default=200)
+    p.add_argument("--uncond_prob", type=float, default=0.1, help="empty prompt rate, for classifier-free guidance")
+    p.add_argument("--checkpointing_steps", type=int, default=500,
+                   help="save the teacher, and train_state.pt to resume from, every this many steps")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(args):
+    """Train the teacher on rendered clips of the training prompts (never the held-out ones)."""
+    import time
+
+    from diffusers import DDPMScheduler
+    from tqdm.auto import tqdm
+
+    base, adapter = os.path.join(args.output_dir, "sd"), os.path.join(args.output_dir, "motion_adapter")
+    state_path = os.path.join(args.output_dir, "train_state.pt")
+    unet, text_encoder, tokenizer = build_world_models(base, adapter, seed=args.seed)
+    scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
+    train_prompts, _ = split_prompts()
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=1e-2)
+    schedule = lambda s: min(1.0, (s + 1) / args.lr_warmup_steps) * 0.5 * (1 + math.cos(math.pi * s / args.max_train_steps))  # noqa: E731
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    first = 0
+    if os.path.exists(state_path):  # resume: weights, optimizer and schedule of the last save
+        state = torch.load(state_path, weights_only=True)
+        unet.load_state_dict(state["unet"]), text_encoder.load_state_dict(state["text_encoder"])
+        optimizer.load_state_dict(state["optimizer"]), lr_scheduler.load_state_dict(state["lr_scheduler"])
+        first = state["step"]
+        print(f"resumed from {state_path} at step {first}")
+    rng = np.random.default_rng([args.seed, first])
+    torch.manual_seed(args.seed * 100003 + first)
+    unet.train(), text_encoder.train()
+    bar = tqdm(range(first, args.max_train_steps), desc="world teacher", initial=first, total=args.max_train_steps)
+    start, ema = time.time(), None
+    for step in bar:
+        prompts = [train_prompts[i] for i in rng.integers(len(train_prompts), size=args.train_batch_size)]
+        latents = frames_to_latents([render(p, int(rng.integers(2 ** 31))) for p in prompts])
+        texts = ["" if rng.random() < args.uncond_prob else p for p in prompts]
+        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+        text = text_encoder(ids)[0].repeat_interleave(FRAMES, dim=0)
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(prompts),))
+        pred = unet(scheduler.add_noise(latents, noise, t), t, text).sample
+        loss = F.mse_loss(pred, noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step(), lr_scheduler.step(), optimizer.zero_grad(set_to_none=True)
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{ema:.4f}")
+        if (step + 1) % args.checkpointing_steps == 0 or step + 1 == args.max_train_steps:
+            save_teacher(unet, text_encoder, base, adapter)
+            tmp = state_path + ".tmp"
+            torch.save({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(), "step": step + 1,
+                        "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}, tmp)
+            os.replace(tmp, state_path)
+            print(f"step {step + 1}: loss {ema:.4f}, {time.time() - start:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main(parse_args())
