@@ -12,8 +12,10 @@ Train the teacher once (weights are committed in weights/world/, so the default 
 
 import argparse
 import itertools
+import json
 import math
 import os
+import sys
 
 import numpy as np
 import torch
@@ -295,19 +297,32 @@ def save_teacher(unet, text_encoder, base_dir, adapter_dir):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output_dir", default="weights/world", help="writes <output_dir>/sd and <output_dir>/motion_adapter")
-    p.add_argument("--max_train_steps", type=int, default=12000)
-    p.add_argument("--train_batch_size", type=int, default=16, help="clips per step")
-    p.add_argument("--learning_rate", type=float, default=1e-3)
-    p.add_argument("--lr_warmup_steps", type=int, default=200)
-    p.add_argument("--uncond_prob", type=float, default=0.1, help="empty prompt rate, for classifier-free guidance")
-    p.add_argument("--checkpointing_steps", type=int, default=500,
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("teacher", help="train the teacher M0 on rendered clips")
+    t.add_argument("--output_dir", default="weights/world", help="writes <output_dir>/sd and <output_dir>/motion_adapter")
+    t.add_argument("--max_train_steps", type=int, default=6000)
+    t.add_argument("--train_batch_size", type=int, default=16, help="clips per step")
+    t.add_argument("--learning_rate", type=float, default=1e-3)
+    t.add_argument("--lr_warmup_steps", type=int, default=200)
+    t.add_argument("--uncond_prob", type=float, default=0.1, help="empty prompt rate, for classifier-free guidance")
+    t.add_argument("--checkpointing_steps", type=int, default=500,
                    help="save the teacher, and train_state.pt to resume from, every this many steps")
-    p.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0)
+    a = sub.add_parser("ablation", help="teacher, pruned, +SFT, +DPO, +ReDPO, offline ReDPO over seeds")
+    a.add_argument("--config", default="configs/world.yaml")
+    a.add_argument("--output_dir", default="runs/world-ablation")
+    a.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    a.add_argument("--stages", type=int, default=2)
     return p.parse_args(argv)
 
 
 def main(args):
+    if args.command == "ablation":
+        return ablation(args)
+    train_teacher(args)
+
+
+def train_teacher(args):
     """Train the teacher on rendered clips of the training prompts (never the held-out ones)."""
     import time
 
@@ -357,6 +372,78 @@ def main(args):
                         "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}, tmp)
             os.replace(tmp, state_path)
             print(f"step {step + 1}: loss {ema:.4f}, {time.time() - start:.0f} s", flush=True)
+
+
+VARIANTS = {  # name: (train.loss_type, vip_loop.sh flags)
+    "+SFT": ("sft", []), "+DPO only": ("dpo", []), "+ReDPO": ("redpo", []), "+ReDPO offline": ("redpo", ["--offline"]),
+}
+
+
+def ablation(args):
+    """Each variant runs vip_loop.sh for --stages stages per seed; the teacher and the untrained
+    pruned student (M0 minus the blocks the ReDPO run removed) are evaluated beside them."""
+    import subprocess
+    import time
+
+    import yaml
+
+    import common
+
+    base = yaml.safe_load(open(args.config))
+    results = {}  # row -> list over seeds of score dicts
+    start = time.time()
+    for seed in args.seeds:
+        for name, (loss_type, flags) in VARIANTS.items():
+            config = {k: dict(v) for k, v in base.items()}
+            config["train"]["loss_type"] = loss_type
+            for section in ("prune", "curate", "train"):
+                config[section]["seed"] = seed
+            run = os.path.join(args.output_dir, f"seed_{seed}", name.strip("+").replace(" ", "_").lower())
+            os.makedirs(run, exist_ok=True)
+            path = os.path.join(run, "config.yaml")
+            common.atomic_write_text(path, yaml.safe_dump(config, sort_keys=False))
+            subprocess.run(["bash", "vip_loop.sh", "world", str(args.stages), *flags], check=True,
+                           env={**os.environ, "CONFIG": path, "RUN_DIR": run})
+            models = json.load(open(os.path.join(run, "eval", "eval.json")))["models"]
+            results.setdefault(name, []).append(models[-1]["scores"])
+            if name == "+ReDPO":
+                results.setdefault("teacher (M0)", []).append(models[0]["scores"])
+                pruned = pruned_baseline(config, run, models[-1]["path"])
+                results.setdefault("pruned", []).append(pruned)
+    order = ["teacher (M0)", "pruned", "+SFT", "+DPO only", "+ReDPO", "+ReDPO offline"]
+    aspects = base["reward"]["aspects"]
+    lines = [f"| model | {' | '.join(aspects)} | average |", "|" + "---|" * (len(aspects) + 2)]
+    for row in order:
+        runs = results[row]
+        cells = [np.array([r[a] for r in runs]) for a in aspects] + [np.array([np.mean([r[a] for a in aspects]) for r in runs])]
+        lines.append(f"| {row} | " + " | ".join(f"{c.mean():.3f} ± {c.std():.3f}" for c in cells) + " |")
+    table = (f"Held-out prompts, {args.stages} stages, seeds {args.seeds} (mean ± std over seeds), "
+             f"{time.time() - start:.0f} s\n\n" + "\n".join(lines) + "\n")
+    common.atomic_write_text(os.path.join(args.output_dir, "ablation.md"), table)
+    common.atomic_write_json(os.path.join(args.output_dir, "ablation.json"), results)
+    print(table)
+
+
+def pruned_baseline(config, run, final_student):
+    """Evaluate M0 with the final student's blocks removed and no training, like evaluate.py does."""
+    import subprocess
+
+    import yaml
+
+    import common
+
+    student = os.path.join(run, "pruned_untrained")
+    if not os.path.exists(os.path.join(student, "student.json")):
+        args = common.parse_config([], "", {"model": common.MODEL_OPTIONS})
+        for k, v in config["model"].items():
+            setattr(args, k, v)
+        unet = common.load_unet(args)
+        common.remove_blocks(unet, common.read_student_meta(final_student)["removed_blocks"])
+        common.save_student(unet, student, args)
+    out = os.path.join(run, "eval_pruned_untrained")
+    subprocess.run([sys.executable, "evaluate.py", "--config", os.path.join(run, "config.yaml"), "--output_dir", out,
+                    "--students", student], check=True)
+    return json.load(open(os.path.join(out, "eval.json")))["models"][1]["scores"]
 
 
 if __name__ == "__main__":

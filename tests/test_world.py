@@ -108,11 +108,11 @@ def test_pixel_vae_is_lossless(tmp_path):
 
 def test_teacher_training_script_runs_and_resumes(tmp_path):
     out = tmp_path / "teacher"
-    world.main(world.parse_args(["--output_dir", str(out), "--max_train_steps", "2", "--checkpointing_steps", "2",
+    world.main(world.parse_args(["teacher", "--output_dir", str(out), "--max_train_steps", "2", "--checkpointing_steps", "2",
                                  "--train_batch_size", "2"]))
     state = torch.load(out / "train_state.pt", weights_only=True)
     assert state["step"] == 2
-    world.main(world.parse_args(["--output_dir", str(out), "--max_train_steps", "3", "--checkpointing_steps", "3",
+    world.main(world.parse_args(["teacher", "--output_dir", str(out), "--max_train_steps", "3", "--checkpointing_steps", "3",
                                  "--train_batch_size", "2"]))
     assert torch.load(out / "train_state.pt", weights_only=True)["step"] == 3
     args = common.parse_config(["--config", str(ROOT / "configs/world.yaml"), "--pretrained_model_name_or_path",
