@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 SIZE, FRAMES, OBJECT = 16, 8, 6  # pixels per side, frames per clip, object width in pixels
 FACTOR = 4  # space-to-depth: 16x16x3 pixels are 4x4x48 latents
+SCALE = 5.0  # the VAE's scaling factor: mostly-black clips have std ~0.2, the model wants ~1
 COLOURS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0)}
 SHAPES = ("square", "circle", "triangle")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
@@ -221,7 +222,7 @@ class PixelVAE(AutoencoderKL):
     """Space-to-depth (FACTOR 4) in place of a trained VAE: latents are the pixels themselves in
     [0, 1], black at 0, so the model need not learn the background. The encoder and decoder
     weights of the parent class are tiny and unused; its config gives the pipeline a scale factor
-    of 4 (three levels) and a scaling factor of 1."""
+    of 4 (three levels); its scaling factor (SCALE) brings the latents to about unit variance."""
 
     def encode(self, x, return_dict=True):
         z = F.pixel_unshuffle((x + 1) / 2, FACTOR)
@@ -273,9 +274,11 @@ def build_world_models(base_dir, adapter_dir, seed=0, channels=(48, 96)):
                             motion_num_attention_heads=4, motion_norm_num_groups=16, motion_max_seq_length=FRAMES)
     vae = PixelVAE(block_out_channels=(2, 2, 2), layers_per_block=1, norm_num_groups=2, latent_channels=3 * FACTOR ** 2,
                    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-                   sample_size=SIZE, scaling_factor=1.0)
+                   sample_size=SIZE, scaling_factor=SCALE)
+    # v-prediction: near pure noise the model predicts the clip, not the noise, whose small errors
+    # the sampler would multiply by 1 / sqrt(alpha_bar) ~ 15 at the first step.
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear", clip_sample=False,
-                              steps_offset=1)
+                              steps_offset=1, prediction_type="v_prediction")
     for name, module in (("unet", unet2d), ("vae", vae), ("text_encoder", text_encoder), ("tokenizer", tokenizer),
                          ("scheduler", scheduler)):
         module.save_pretrained(os.path.join(base_dir, name))
@@ -352,14 +355,14 @@ def train_teacher(args):
     start, ema = time.time(), None
     for step in bar:
         prompts = [train_prompts[i] for i in rng.integers(len(train_prompts), size=args.train_batch_size)]
-        latents = frames_to_latents([render(p, int(rng.integers(2 ** 31))) for p in prompts])
+        latents = frames_to_latents([render(p, int(rng.integers(2 ** 31))) for p in prompts]) * SCALE
         texts = ["" if rng.random() < args.uncond_prob else p for p in prompts]
         ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
         text = text_encoder(ids)[0].repeat_interleave(FRAMES, dim=0)
         noise = torch.randn_like(latents)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(prompts),))
         pred = unet(scheduler.add_noise(latents, noise, t), t, text).sample
-        loss = F.mse_loss(pred, noise)
+        loss = F.mse_loss(pred, scheduler.get_velocity(latents, noise, t))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step(), lr_scheduler.step(), optimizer.zero_grad(set_to_none=True)
@@ -374,15 +377,52 @@ def train_teacher(args):
             print(f"step {step + 1}: loss {ema:.4f}, {time.time() - start:.0f} s", flush=True)
 
 
-VARIANTS = {  # name: (train.loss_type, vip_loop.sh flags)
-    "+SFT": ("sft", []), "+DPO only": ("dpo", []), "+ReDPO": ("redpo", []), "+ReDPO offline": ("redpo", ["--offline"]),
-}
+ROWS = ["teacher (M0)", "pruned", "+SFT", "+DPO only", "+ReDPO", "+ReDPO offline"]
+
+
+def _run(script, config, out, *flags):
+    import subprocess
+
+    subprocess.run([sys.executable, script, "--config", config, "--output_dir", out, *flags], check=True)
+    return out
+
+
+def ablation_seed(config_path, root, stages):
+    """One seed of the ablation, sharing what variants share: stage 1's pruning and pairs (all of
+    them), and the pruning of a student two variants have in common (online and offline ReDPO at
+    stage 2). Returns the final student of each row."""
+    variants = {"+SFT": "sft", "+DPO only": "dpo", "+ReDPO": "redpo", "+ReDPO offline": "redpo"}
+    current = dict.fromkeys(variants)  # None: the full model M0
+    pruned_of = {}  # student it was pruned from -> prune folder
+    stage1_pairs = os.path.join(root, "stage_1", "shared", "curate")
+    for k in range(1, stages + 1):
+        stage = os.path.join(root, f"stage_{k}")
+        trained_of = {}  # (pruned folder, pairs) -> trained student: identical runs train once
+        for name, loss in variants.items():
+            tag = name.strip("+").replace(" ", "_").lower()
+            parent = current[name]
+            if parent not in pruned_of:
+                pruned_of[parent] = os.path.join(stage, "shared" if k == 1 else tag, "prune")
+                _run("prune.py", config_path, pruned_of[parent], *(["--student", parent] if parent else []))
+            pruned = pruned_of[parent]
+            pairs = stage1_pairs if (k == 1 or name == "+ReDPO offline") else os.path.join(stage, tag, "curate")
+            if not os.path.exists(os.path.join(pairs, "pairs.jsonl")):
+                _run("curate.py", config_path, pairs, "--student", os.path.join(pruned, "student"),
+                     "--ranking", os.path.join(pruned, "ranking.json"))
+            key = (pruned, pairs, loss)
+            if key not in trained_of:
+                out = _run("train_redpo.py", config_path, os.path.join(stage, tag, "train"), "--student",
+                           os.path.join(pruned, "student"), "--pairs", os.path.join(pairs, "pairs.jsonl"),
+                           "--loss_type", loss, "--resume_from_checkpoint", "latest")
+                trained_of[key] = os.path.join(out, "student")
+            current[name] = trained_of[key]
+    return current
 
 
 def ablation(args):
-    """Each variant runs vip_loop.sh for --stages stages per seed; the teacher and the untrained
-    pruned student (M0 minus the blocks the ReDPO run removed) are evaluated beside them."""
-    import subprocess
+    """Teacher, pruned (M0 minus the final ReDPO student's blocks, untrained), +SFT, +DPO only,
+    +ReDPO and offline ReDPO after --stages stages, evaluated on the held-out prompts, per seed;
+    a seed already done is read back, so seeds can run in separate processes and be gathered."""
     import time
 
     import yaml
@@ -390,49 +430,47 @@ def ablation(args):
     import common
 
     base = yaml.safe_load(open(args.config))
-    results = {}  # row -> list over seeds of score dicts
-    start = time.time()
+    aspects = base["reward"]["aspects"]
+    results, seconds = {}, 0.0
     for seed in args.seeds:
-        for name, (loss_type, flags) in VARIANTS.items():
+        root = os.path.join(args.output_dir, f"seed_{seed}")
+        done = os.path.join(root, "result.json")
+        if not os.path.exists(done):
+            start = time.time()
             config = {k: dict(v) for k, v in base.items()}
-            config["train"]["loss_type"] = loss_type
             for section in ("prune", "curate", "train"):
                 config[section]["seed"] = seed
-            run = os.path.join(args.output_dir, f"seed_{seed}", name.strip("+").replace(" ", "_").lower())
-            os.makedirs(run, exist_ok=True)
-            path = os.path.join(run, "config.yaml")
-            common.atomic_write_text(path, yaml.safe_dump(config, sort_keys=False))
-            subprocess.run(["bash", "vip_loop.sh", "world", str(args.stages), *flags], check=True,
-                           env={**os.environ, "CONFIG": path, "RUN_DIR": run})
-            models = json.load(open(os.path.join(run, "eval", "eval.json")))["models"]
-            results.setdefault(name, []).append(models[-1]["scores"])
-            if name == "+ReDPO":
-                results.setdefault("teacher (M0)", []).append(models[0]["scores"])
-                pruned = pruned_baseline(config, run, models[-1]["path"])
-                results.setdefault("pruned", []).append(pruned)
-    order = ["teacher (M0)", "pruned", "+SFT", "+DPO only", "+ReDPO", "+ReDPO offline"]
-    aspects = base["reward"]["aspects"]
+            config_path = os.path.join(root, "config.yaml")
+            os.makedirs(root, exist_ok=True)
+            common.atomic_write_text(config_path, yaml.safe_dump(config, sort_keys=False))
+            finals = ablation_seed(config_path, root, args.stages)
+            finals["pruned"] = pruned_baseline(config, root, finals["+ReDPO"])
+            students = [finals[r] for r in ROWS[1:]]
+            report = os.path.join(root, "eval")
+            _run("evaluate.py", config_path, report, "--students", ",".join(students))
+            models = json.load(open(os.path.join(report, "eval.json")))["models"]
+            common.atomic_write_json(done, {"seconds": time.time() - start,
+                                            "scores": {r: m["scores"] for r, m in zip(ROWS, models)}})
+        result = json.load(open(done))
+        seconds += result["seconds"]
+        for row, scores in result["scores"].items():
+            results.setdefault(row, []).append(scores)
     lines = [f"| model | {' | '.join(aspects)} | average |", "|" + "---|" * (len(aspects) + 2)]
-    for row in order:
+    for row in ROWS:
         runs = results[row]
         cells = [np.array([r[a] for r in runs]) for a in aspects] + [np.array([np.mean([r[a] for a in aspects]) for r in runs])]
         lines.append(f"| {row} | " + " | ".join(f"{c.mean():.3f} ± {c.std():.3f}" for c in cells) + " |")
-    table = (f"Held-out prompts, {args.stages} stages, seeds {args.seeds} (mean ± std over seeds), "
-             f"{time.time() - start:.0f} s\n\n" + "\n".join(lines) + "\n")
+    table = (f"Held-out prompts; {args.stages} stages; seeds {args.seeds}; mean ± std over seeds; "
+             f"{seconds / 60:.1f} CPU-process minutes in all\n\n" + "\n".join(lines) + "\n")
     common.atomic_write_text(os.path.join(args.output_dir, "ablation.md"), table)
-    common.atomic_write_json(os.path.join(args.output_dir, "ablation.json"), results)
     print(table)
 
 
-def pruned_baseline(config, run, final_student):
-    """Evaluate M0 with the final student's blocks removed and no training, like evaluate.py does."""
-    import subprocess
-
-    import yaml
-
+def pruned_baseline(config, root, final_student):
+    """M0 with the final student's blocks removed and no training, saved as a student."""
     import common
 
-    student = os.path.join(run, "pruned_untrained")
+    student = os.path.join(root, "pruned_untrained")
     if not os.path.exists(os.path.join(student, "student.json")):
         args = common.parse_config([], "", {"model": common.MODEL_OPTIONS})
         for k, v in config["model"].items():
@@ -440,10 +478,7 @@ def pruned_baseline(config, run, final_student):
         unet = common.load_unet(args)
         common.remove_blocks(unet, common.read_student_meta(final_student)["removed_blocks"])
         common.save_student(unet, student, args)
-    out = os.path.join(run, "eval_pruned_untrained")
-    subprocess.run([sys.executable, "evaluate.py", "--config", os.path.join(run, "config.yaml"), "--output_dir", out,
-                    "--students", student], check=True)
-    return json.load(open(os.path.join(out, "eval.json")))["models"][1]["scores"]
+    return student
 
 
 if __name__ == "__main__":
