@@ -50,12 +50,13 @@ def all_prompts():
 
 def split_prompts():
     """(train, held_out): one combination in six is never seen in training; every colour, shape,
-    direction and speed still is, so held-out prompts test composition."""
+    direction and speed still is, so held-out prompts test composition. Train is shuffled."""
     train, held = [], []
     for idx in itertools.product(range(len(COLOURS)), range(len(SHAPES)), range(len(DIRECTIONS)), range(len(SPEEDS))):
         words = (list(COLOURS)[idx[0]], SHAPES[idx[1]], list(DIRECTIONS)[idx[2]], list(SPEEDS)[idx[3]])
         (held if sum(idx) % 6 == 0 else train).append(prompt_of(*words))
-    return train, held
+    order = np.random.default_rng(0).permutation(len(train))  # any prefix mixes every attribute
+    return [train[i] for i in order], held
 
 
 def _shape_mask(shape, cx, cy, scale=8):

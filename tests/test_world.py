@@ -141,7 +141,7 @@ def test_a_short_loop_on_the_world(tmp_path):
     config["model"].update(num_inference_steps=4, pretrained_model_name_or_path=str(ROOT / "weights/world/sd"),
                            motion_adapter=str(ROOT / "weights/world/motion_adapter"))
     config["prune"].update(num_prune_prompts=2, num_blocks=1)
-    config["curate"].update(max_prompts=6, seeds_per_prompt=1, tau_p=1.0)
+    config["curate"].update(max_prompts=16, seeds_per_prompt=1, tau_p=1.0)
     config["train"].update(max_train_steps=2, train_batch_size=2)
     config["eval"].update(num_eval_prompts=2, videos_per_prompt=1, latency_runs=1)
     path = tmp_path / "world.yaml"
