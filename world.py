@@ -288,15 +288,25 @@ def build_world_models(base_dir, adapter_dir, seed=0, channels=(48, 96)):
 
 
 def save_teacher(unet, text_encoder, base_dir, adapter_dir):
-    """Split the trained UNetMotionModel back into the SD UNet and the motion adapter."""
+    """Split the trained UNetMotionModel back into the SD UNet and the motion adapter. Each folder
+    is written beside its old self and swapped in, so a kill mid-save leaves a complete one."""
+    import shutil
+
     from diffusers import UNet2DConditionModel
 
     unet2d = UNet2DConditionModel.from_pretrained(base_dir, subfolder="unet")
     state = {k: v for k, v in unet.state_dict().items() if ".motion_modules." not in k}
     unet2d.load_state_dict(state, strict=True)
-    unet2d.save_pretrained(os.path.join(base_dir, "unet"))
-    text_encoder.save_pretrained(os.path.join(base_dir, "text_encoder"))
-    unet.save_motion_modules(adapter_dir)
+    for folder, save in ((os.path.join(base_dir, "unet"), unet2d.save_pretrained),
+                         (os.path.join(base_dir, "text_encoder"), text_encoder.save_pretrained),
+                         (adapter_dir, unet.save_motion_modules)):
+        tmp, old = folder + ".tmp", folder + ".old"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save(tmp)
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old)
 
 
 def parse_args(argv=None):
