@@ -16,7 +16,6 @@ scores, so a killed run resumes).
 
 import os
 
-import torch
 from accelerate import Accelerator
 
 import common

@@ -63,6 +63,7 @@ def test_blocks_listed_removed_and_restored(unet):
         assert len(common.list_blocks(unet)) == 9
         removed_out = forward(unet)
     assert common.removed_blocks(unet) == [] and torch.equal(forward(unet), before)
+    assert common.motion_parameters(unet) == total  # the removed modules came back whole
     assert not torch.allclose(removed_out, before)
     with pytest.raises(ConfigError, match="unknown block 'up_blocks.9.motion_modules.0'"):
         common.remove_blocks(unet, ["up_blocks.9.motion_modules.0"])

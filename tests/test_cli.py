@@ -3,7 +3,6 @@ after a kill, a non-finite loss, and bad input. Run: python -m pytest -q tests/t
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time

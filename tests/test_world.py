@@ -2,7 +2,6 @@
 training script, and a short loop on the committed teacher. Run: python -m pytest -q tests/test_world.py"""
 import json
 import os
-import subprocess
 
 import numpy as np
 import pytest
