@@ -743,6 +743,18 @@ def noise_scheduler(args):
                                          beta_schedule="linear", clip_sample=False)
 
 
+def diffusion_target(scheduler, latents, noise, timesteps):
+    """What the UNet is trained to predict, by the scheduler's prediction_type."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    if kind == "sample":
+        return latents
+    raise ValueError(f"scheduler prediction_type {kind!r}: expected epsilon, v_prediction or sample")
+
+
 @torch.no_grad()
 def generate(pipe, prompts, seeds, args, return_latents=False):
     """Generate one video per (prompt, seed): uint8 frames (B, F, H, W, 3), and with

@@ -228,8 +228,7 @@ def main(args):
                 timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=gen)
                 timesteps = timesteps.to(latents.device).repeat(2)  # one timestep per pair
                 noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-                target = noise if noise_scheduler.config.prediction_type == "epsilon" \
-                    else noise_scheduler.get_velocity(latents, noise, timesteps)
+                target = common.diffusion_target(noise_scheduler, latents, noise, timesteps)
                 with torch.no_grad():
                     text = common.encode_prompts(text_encoder, tokenizer, batch["prompts"], accelerator.device)
                     text = text.repeat(2, 1, 1).repeat_interleave(frames, dim=0)  # (2B*F, 77, D)

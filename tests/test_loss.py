@@ -97,3 +97,21 @@ def test_bad_arguments_raise():
         redpo_loss(torch.zeros(3, 2), torch.zeros(3, 2), torch.zeros(3, 2), beta=1.0, w_sft=1.0)
     with pytest.raises(ValueError, match="shapes differ"):
         redpo_loss(model, ref[:, :1], target, beta=1.0, w_sft=1.0)
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_diffusion_target_follows_prediction_type(kind):
+    from diffusers import DDPMScheduler
+
+    from common import diffusion_target
+
+    scheduler = DDPMScheduler(prediction_type=kind)
+    latents, noise, t = torch.randn(2, 4, 3, 2, 2), torch.randn(2, 4, 3, 2, 2), torch.tensor([10, 900])
+    target = diffusion_target(scheduler, latents, noise, t)
+    a = scheduler.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1, 1)
+    s = (1 - scheduler.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1, 1)
+    expected = {"epsilon": noise, "v_prediction": a * noise - s * latents, "sample": latents}[kind]
+    assert torch.allclose(target, expected, atol=1e-6)
+    noisy = scheduler.add_noise(latents, noise, t)  # each target recovers the clean latents
+    clean = {"epsilon": (noisy - s * target) / a, "v_prediction": a * noisy - s * target, "sample": target}[kind]
+    assert torch.allclose(clean, latents, atol=1e-4)
