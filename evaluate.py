@@ -137,8 +137,9 @@ def main(args):
             })
         report = {"aspects": list(args.aspects), "prompts": args.eval_prompts, "num_prompts": len(prompts),
                   "device": str(accelerator.device), "models": models}
+        reward_name = args.reward_model if args.reward == "videoscore" else f"{args.reward} (exact)"
         md = (f"# Evaluation on {len(prompts)} held-out prompts ({args.eval_prompts})\n\n"
-              f"Reward: {args.reward_model}; average over {', '.join(args.aspects)}; parameters of the motion "
+              f"Reward: {reward_name}; average over {', '.join(args.aspects)}; parameters of the motion "
               f"modules (the paper's count) and of the whole UNet; FLOPs of one UNet call for one video "
               f"({args.num_frames} frames, {args.height}x{args.width}); latency: one video, "
               f"{args.num_inference_steps} steps with guidance, median of {args.latency_runs}, on {accelerator.device}.\n\n"

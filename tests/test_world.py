@@ -65,7 +65,7 @@ def corruptions(prompt, clip, rng):
     dim = clip.astype(np.float32)
     dim[1::2] *= 0.55
     return {
-        "visual_quality": [blur(clip), np.clip(clip + rng.normal(0, 6, clip.shape), 0, 255).astype(np.uint8)],
+        "visual_quality": [blur(clip), np.clip(clip + rng.normal(0, 10, clip.shape), 0, 255).astype(np.uint8)],
         "temporal_consistency": [dim.round().astype(np.uint8)],                      # flicker
         "dynamic_degree": [np.repeat(clip[:1], len(clip), axis=0)],                  # frozen
         "text_alignment": [world.render(world.prompt_of(other, shape, direction, speed), 1),   # wrong colour
@@ -118,13 +118,26 @@ def test_teacher_training_script_runs_and_resumes(tmp_path):
                                 str(out / "sd"), "--motion_adapter", str(out / "motion_adapter"),
                                 "--num_inference_steps", "2"], "t", {"model": common.MODEL_OPTIONS})
     unet = common.load_unet(args)
-    trained = torch.load(out / "train_state.pt", weights_only=True)["unet"]
-    assert all(torch.equal(unet.state_dict()[k], v) for k, v in trained.items())  # saved == trained, split and rejoined
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    saved = unet.state_dict()
+    assert set(state["ema"]) == {k for k, p in unet.named_parameters()}
+    assert all(torch.equal(saved[k], v) for k, v in state["ema"].items())  # the teacher is the average, split and rejoined
+    assert any(not torch.equal(saved[k], v) for k, v in state["unet"].items())  # which is not the last weights
     frames = common.generate(common.load_pipeline(args, unet), ["a red square moves left slowly"], [0], args)
     assert frames.shape == (1, 8, 16, 16, 3)
 
 
-def test_committed_teacher_is_small_and_loads():
+def mean_scores(frames, prompts):
+    scores = [world.score_clip(f, p) for f, p in zip(frames, prompts)]
+    return {a: float(np.mean([s[a] for s in scores])) for a in world.ASPECTS}
+
+
+# The committed teacher on the held-out prompts (one video each) scored 2.44 / 2.84 / 3.34 / 3.02, and
+# 1.18 / 1.00 / 1.73 / 2.70 without its motion modules; these floors sit about 0.3 below.
+TEACHER_FLOOR = {"visual_quality": 2.2, "temporal_consistency": 2.5, "dynamic_degree": 3.0, "text_alignment": 2.8}
+
+
+def test_committed_teacher_is_small_and_its_motion_modules_matter():
     sizes = [os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(ROOT / "weights" / "world") for f in fs
              if not f.startswith("train_state")]
     assert 0 < sum(sizes) <= 20 * 2 ** 20
@@ -132,7 +145,17 @@ def test_committed_teacher_is_small_and_loads():
     args.pretrained_model_name_or_path = str(ROOT / args.pretrained_model_name_or_path)
     args.motion_adapter = str(ROOT / args.motion_adapter)
     unet = common.load_unet(args)
-    assert len(common.list_blocks(unet)) == 7
+    blocks = [b["name"] for b in common.list_blocks(unet)]
+    assert len(blocks) == 7
+    pipe = common.load_pipeline(args, unet)
+    _, held = world.split_prompts()
+    seeds = list(range(len(held)))
+    full = mean_scores(common.generate(pipe, held, seeds, args), held)
+    assert all(full[a] >= floor for a, floor in TEACHER_FLOOR.items()), full
+    with common.blocks_removed(unet, blocks):
+        still = mean_scores(common.generate(pipe, held, seeds, args), held)
+    assert full["dynamic_degree"] - still["dynamic_degree"] >= 1.0, (full, still)
+    assert full["temporal_consistency"] - still["temporal_consistency"] >= 1.0, (full, still)
 
 
 def test_a_short_loop_on_the_world(tmp_path):
