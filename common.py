@@ -555,6 +555,17 @@ def blocks_removed(unet, names):
             unet.get_submodule(parent)[int(index)] = module
 
 
+def checkpoint_motion_modules(unet):
+    """Recompute each motion module in the backward pass instead of keeping its activations.
+    diffusers' gradient checkpointing leaves the motion modules out, and they are the layers trained."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in list_blocks(unet):
+        module = unet.get_submodule(block["name"])
+        # use_reentrant=False: the reentrant variant breaks under DDP and with frozen inputs.
+        module.forward = lambda *a, _f=module.forward, **k: checkpoint(_f, *a, use_reentrant=False, **k)
+
+
 def weight_dtype(mixed_precision):
     try:
         return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]

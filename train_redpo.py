@@ -167,6 +167,7 @@ def main(args):
             p.requires_grad_(".motion_modules." in name)
     if args.gradient_checkpointing:
         student.enable_gradient_checkpointing()
+        common.checkpoint_motion_modules(student)
     text_encoder, tokenizer = common.load_text_encoder(args, dtype=dtype)
     text_encoder.to(accelerator.device)
     noise_scheduler = common.noise_scheduler(args)

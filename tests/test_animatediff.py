@@ -9,16 +9,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import common
+from benchmarks.bench import ADAPTER_V152, SD15_UNET  # SD1.5's and motion adapter v1.5-2's public configs
 from common import ConfigError
-
-# Public configs of SD1.5's UNet and guoyww/animatediff-motion-adapter-v1-5-2.
-SD15_UNET = dict(act_fn="silu", attention_head_dim=8, block_out_channels=[320, 640, 1280, 1280],
-                 cross_attention_dim=768, down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-                 up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, layers_per_block=2, norm_num_groups=32,
-                 in_channels=4, out_channels=4, sample_size=64, flip_sin_to_cos=True, freq_shift=0)
-ADAPTER_V152 = dict(block_out_channels=[320, 640, 1280, 1280], motion_layers_per_block=2,
-                    motion_mid_block_layers_per_block=1, motion_num_attention_heads=8, motion_norm_num_groups=32,
-                    motion_max_seq_length=32, use_motion_mid_block=True)
 
 
 def test_full_size_counts_on_meta_device():
@@ -139,3 +131,25 @@ def test_generation_is_seeded(unet, tiny_args):
     decoded = pipe.decode_latents(latents)  # the stored latents are exactly what the frames came from
     assert torch.equal(((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1),
                        torch.from_numpy(frames))
+
+
+def test_checkpointed_motion_modules_give_the_same_gradients(tiny_args):
+    # diffusers' checkpointing skips the motion modules; ours recomputes them in backward instead.
+    def grads(unet):
+        unet.train()
+        for name, p in unet.named_parameters():
+            p.requires_grad_(".motion_modules." in name)
+        torch.manual_seed(0)
+        sample, t, text = common.denoise_inputs(unet, 2, 4, 64, 64)
+        unet(sample, t, text).sample.square().mean().backward()
+        return {n: p.grad for n, p in unet.named_parameters() if p.grad is not None}
+
+    plain = grads(common.load_unet(tiny_args))
+    unet = common.load_unet(tiny_args)
+    unet.enable_gradient_checkpointing()
+    common.checkpoint_motion_modules(unet)
+    block = unet.get_submodule("mid_block.motion_modules.0")
+    assert block.forward.__name__ == "<lambda>"  # wrapped
+    checkpointed = grads(unet)
+    assert plain.keys() == checkpointed.keys() and len(plain) > 0
+    assert all(torch.allclose(plain[n], checkpointed[n], atol=1e-6) for n in plain)

@@ -1,0 +1,135 @@
+"""The benchmark scripts start on the tiny config, count FLOPs, and compare what they claim to
+compare. No benchmark runs here: each script takes a step or two.
+Run: python -m pytest -q tests/test_benchmarks.py"""
+import json
+import math
+import os
+from contextlib import nullcontext
+
+import pytest
+import torch
+
+import common
+from benchmarks import cpu_loop, generation, train_step
+
+bench = train_step.bench
+
+
+def test_train_step_starts_and_counts_flops(tmp_path, capsys):
+    out = tmp_path / "train_step.json"
+    args = train_step.parse_args(["--size", "tiny", "--device", "cpu", "--warmup", "0", "--iters", "1",
+                                  "--variants", "redpo,redpo_ckpt_all", "--output", str(out)])
+    result = train_step.main(args)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["command"].startswith("python benchmarks/train_step.py --size tiny") and result["date"]
+    assert "cores" in result["device"] and result["limits"]["matmul_flops"] > 0
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert list(rows) == ["redpo", "redpo_ckpt_all"]
+    assert all(r["flops"] > 0 and r["step_s"] > 0 and r["peak_bytes"] > 0 for r in rows.values())
+    # Checkpointing recomputes the forward (more FLOPs) to hold fewer activations.
+    assert rows["redpo_ckpt_all"]["flops"] > rows["redpo"]["flops"]
+    assert rows["redpo_ckpt_all"]["peak_bytes"] < 0.8 * rows["redpo"]["peak_bytes"]
+    teacher = bench.build_unet("tiny", "meta")
+    assert rows["redpo"]["trainable_params"] == common.motion_parameters(teacher) - common.count_parameters(
+        teacher.get_submodule("mid_block.motion_modules.0"))
+    assert "| redpo | 1 |" in capsys.readouterr().out
+
+    # --flops_only counts the same step on the meta device (how the full-size FLOPs are had without a GPU).
+    counted = train_step.main(train_step.parse_args(["--size", "tiny", "--flops_only", "--variants", "redpo",
+                                                     "--output", str(tmp_path / "flops.json")]))
+    assert counted["device"].startswith("meta") and counted["rows"][0]["flops"] == rows["redpo"]["flops"]
+
+
+def test_naive_and_redpo_steps_compute_the_same_loss_and_gradients():
+    args = train_step.parse_args(["--size", "tiny", "--device", "cpu"])
+    models = train_step.build_models(args)
+    batch = train_step.make_batch(args, pairs=2)
+    teacher = models["teacher"]
+    steps = {
+        "naive": lambda s: train_step.naive_loss(s, teacher, batch, 2500.0, 1.0, nullcontext()),
+        "teacher_once": lambda s: train_step.redpo_step_loss(s, teacher, batch, 2500.0, 1.0, nullcontext(),
+                                                             torch.float32, batched=False),
+        "redpo": lambda s: train_step.redpo_step_loss(s, teacher, batch, 2500.0, 1.0, nullcontext(), torch.float32),
+    }
+    results = {}
+    for name, loss_fn in steps.items():
+        student = train_step.make_student(models, train_step.VARIANTS["redpo"], args)
+        loss = loss_fn(student)
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None])
+        results[name] = (loss.item(), grads)
+    loss, grads = results["redpo"]
+    assert abs(loss - math.log(2)) > 0.1  # the student lacks a module: DPO is away from log 2, not trivially equal
+    for name in ("naive", "teacher_once"):
+        assert results[name][0] == pytest.approx(loss, rel=1e-3)
+        assert torch.allclose(results[name][1], grads, atol=1e-3 * grads.abs().max().item())
+
+    # The naive step's extra work is exactly one more teacher call on each winner (the SFT term's
+    # reference); batching winners with losers changes no arithmetic.
+    student = train_step.make_student(models, train_step.VARIANTS["redpo"], args)
+    flops = {name: train_step.count_flops(lambda: steps[name](student).backward(), "cpu")
+             for name in ("naive", "redpo")}
+    assert flops["naive"] - flops["redpo"] == common.count_flops(teacher, 8, 64, 64, batch_size=2) > 0
+
+
+def test_peak_live_bytes_counts_what_is_alive():
+    base = torch.zeros(10)
+    with bench.PeakLiveBytes([base]) as tracker:
+        a = torch.empty(1000)
+        b = torch.empty(2000)
+        del a
+        b.add_(1)  # in place: no new storage
+        c = torch.empty(500)
+    assert tracker.peak == 4 * (10 + 1000 + 2000)
+    assert tracker.current == 4 * (10 + 2000 + 500)
+    del b, c
+
+
+def test_generation_starts_and_flops_fall_with_removed_modules(tmp_path):
+    args = generation.parse_args(["--size", "tiny", "--device", "cpu", "--removed", "3", "--warmup", "0",
+                                  "--iters", "1", "--video_runs", "1", "--num_inference_steps", "2",
+                                  "--output", str(tmp_path / "generation.json")])
+    result = generation.main(args)
+    rows = result["rows"]
+    assert [(r["order"], r["removed"]) for r in rows] == [("-", 0), ("flops", 3), ("params", 3)]
+    assert all(r["step_s"] > 0 and r["video_s"] > 0 and len(r["blocks"]) == r["removed"] for r in rows)
+    full, by_flops, by_params = rows
+    assert full["flops"] > 0
+    # A removed module saves exactly its own FLOPs, and the flops order removes the costliest.
+    module_flops = sorted(result["module_flops"].values(), reverse=True)
+    assert len(module_flops) == 11 and full["flops"] - by_flops["flops"] == sum(module_flops[:3])
+    assert full["flops"] > by_params["flops"] >= by_flops["flops"]
+    # The params order removes the largest modules: more parameters go than in the flops order.
+    assert by_params["motion_params"] < by_flops["motion_params"] < full["motion_params"]
+
+    # --flops_only counts the same students on the meta device (the full-size FLOPs without a GPU).
+    counted = generation.main(generation.parse_args(["--size", "tiny", "--flops_only", "--removed", "3",
+                                                     "--output", str(tmp_path / "flops.json")]))
+    assert [(r["order"], r["flops"], r["blocks"]) for r in counted["rows"]] == \
+        [(r["order"], r["flops"], r["blocks"]) for r in rows] and "step_s" not in counted["rows"][0]
+
+
+def test_cpu_loop_times_a_stage_and_reads_rates(tmp_path):
+    script = tmp_path / "stage.py"
+    script.write_text("import sys; sys.exit(3)\n")
+    log = tmp_path / "stages.jsonl"
+    with pytest.raises(SystemExit) as exit_info:
+        cpu_loop.main(cpu_loop.parse_args(["--time_stage", str(log), str(script), "--output_dir", "runs/x/prune"]))
+    assert exit_info.value.code == 3  # the stage's status goes through to vip_loop.sh
+    entry = json.loads(log.read_text())
+    assert entry["stage"] == "stage" and entry["output_dir"] == "runs/x/prune"
+    assert entry["seconds"] > 0 and 0 < entry["cpu_seconds"] < 30
+
+    # Ten items written four at a time: the first chunk at t=100 is start-up, six more items by t=115.
+    items = []
+    for i, t in enumerate([100] * 4 + [110] * 4 + [115] * 2):
+        items.append(tmp_path / f"item{i}.json")
+        items[-1].write_text("{}")
+        os.utime(items[-1], (t, t))
+    assert cpu_loop.rate_after_first_chunk(items, chunk=4, per_item=2) == pytest.approx(6 * 2 / 15)
+    assert cpu_loop.rate_after_first_chunk(items[:4], chunk=4) is None
+    for step, t in ((10, 200.0), (20, 205.0)):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "model.safetensors").write_text("x")
+        os.utime(tmp_path / f"checkpoint-{step}" / "model.safetensors", (t, t))
+    assert cpu_loop.steps_per_second(str(tmp_path)) == pytest.approx(2.0)
