@@ -75,11 +75,14 @@ def add_common_args(parser):
     parser.add_argument("--iters", type=int, default=None, help="timed runs; the median is reported "
                                                                 "(default: 10 on cuda, 5 on cpu)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
+    parser.add_argument("--flops_only", action="store_true",
+                        help="count FLOPs and parameters on the meta device, time nothing: full size without a GPU")
     parser.add_argument("--output", default=None, help="JSON result file (default: runs/bench/<benchmark>-<size>.json)")
 
 
 def finish_args(args, name, argv):
     """Fill the device-dependent defaults and record the command that made the results."""
+    args.device = "meta" if args.flops_only else args.device
     cuda = args.device.startswith("cuda")
     args.dtype = args.dtype or ("bf16" if cuda else "fp32")
     args.warmup = (3 if cuda else 1) if args.warmup is None else args.warmup

@@ -48,10 +48,7 @@ def parse_args(argv=None):
     parser.add_argument("--video_runs", type=int, default=3, help="timed videos per student (median reported)")
     parser.add_argument("--num_inference_steps", type=int, default=None, help="DDIM steps (default: 25 full, 8 tiny)")
     parser.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance scale")
-    parser.add_argument("--flops_only", action="store_true",
-                        help="count FLOPs and parameters on the meta device, time nothing: full size without a GPU")
     args = parser.parse_args(argv)
-    args.device = "meta" if args.flops_only else args.device
     args = bench.finish_args(args, "generation", argv)
     args.removed = sorted({int(n) for n in args.removed.split(",") if n} - {0})
     args.orders = [o for o in args.orders.split(",") if o]

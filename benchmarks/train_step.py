@@ -84,10 +84,7 @@ def parse_args(argv=None):
                         help="motion modules the student lacks (comma-separated; '' for none)")
     parser.add_argument("--beta", type=float, default=2500.0, help="DPO temperature, as train_redpo.py")
     parser.add_argument("--w_sft", type=float, default=1.0, help="SFT weight, as train_redpo.py")
-    parser.add_argument("--flops_only", action="store_true",
-                        help="count each variant's FLOPs on the meta device, time nothing: full size without a GPU")
     args = parser.parse_args(argv)
-    args.device = "meta" if args.flops_only else args.device
     args = bench.finish_args(args, "train_step", argv)
     args.variants = [v for v in args.variants.split(",") if v] + (["compile"] if args.compile else [])
     args.search_variants = [v for v in args.search_variants.split(",") if v]
