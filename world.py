@@ -7,7 +7,7 @@ lossless pixel "VAE", so prune/curate/train/evaluate run on it unchanged (`confi
 
 Train the teacher once (weights are committed in weights/world/, so the default needs no training):
 
-    python world.py teacher --output_dir weights/world --max_train_steps 8000
+    python world.py teacher --output_dir weights/world --max_train_steps 6000
 """
 
 import argparse
@@ -328,7 +328,7 @@ def parse_args(argv=None):
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("teacher", help="train the teacher M0 on rendered clips")
     t.add_argument("--output_dir", default="weights/world", help="writes <output_dir>/sd and <output_dir>/motion_adapter")
-    t.add_argument("--max_train_steps", type=int, default=8000)
+    t.add_argument("--max_train_steps", type=int, default=6000)
     t.add_argument("--train_batch_size", type=int, default=16, help="clips per step")
     t.add_argument("--learning_rate", type=float, default=1e-3)
     t.add_argument("--lr_warmup_steps", type=int, default=200)
@@ -414,7 +414,8 @@ def train_teacher(args):
         if (step + 1) % args.checkpointing_steps == 0 or step + 1 == args.max_train_steps:
             tmp = state_path + ".tmp"
             torch.save({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(), "step": step + 1,
-                        "ema": dict(zip(names, ema)), "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}, tmp)
+                        "ema": dict(zip(names, ema)), "optimizer": optimizer.state_dict(),
+                        "lr_scheduler": lr_scheduler.state_dict()}, tmp)
             os.replace(tmp, state_path)
             with torch.no_grad():
                 trained = [p.detach().clone() for p in params]
