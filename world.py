@@ -335,9 +335,13 @@ def parse_args(argv=None):
     t.add_argument("--uncond_prob", type=float, default=0.1, help="empty prompt rate, for classifier-free guidance")
     t.add_argument("--checkpointing_steps", type=int, default=500,
                    help="save the teacher, and train_state.pt to resume from, every this many steps")
+    t.add_argument("--block_out_channels", type=int, nargs=2, default=[48, 96],
+                   help="UNet widths at 4x4 and 2x2 latents; the first is what carries the 48 values of each 4x4-pixel patch")
     t.add_argument("--prediction_type", default="sample", choices=["sample", "v_prediction", "epsilon"])
     t.add_argument("--ema_decay", type=float, default=0.999,
                    help="the saved teacher is this exponential moving average of the trained weights")
+    t.add_argument("--snr_gamma", type=float, default=None,
+                   help="weight each clip's loss by its SNR clamped to [1, snr_gamma]; None: uniform")
     t.add_argument("--seed", type=int, default=0)
     a = sub.add_parser("ablation", help="teacher, pruned, +SFT, +DPO, +ReDPO, offline ReDPO over seeds")
     a.add_argument("--config", default="configs/world.yaml")
@@ -365,8 +369,8 @@ def train_teacher(args):
     base, adapter = os.path.join(args.output_dir, "sd"), os.path.join(args.output_dir, "motion_adapter")
     state_path = os.path.join(args.output_dir, "train_state.pt")
     # A resumed run keeps the saved teacher folders: they hold the last checkpoint's weights.
-    unet, text_encoder, tokenizer = build_world_models(base, adapter, seed=args.seed, prediction_type=args.prediction_type,
-                                                       save=not os.path.exists(state_path))
+    unet, text_encoder, tokenizer = build_world_models(base, adapter, seed=args.seed, channels=tuple(args.block_out_channels),
+                                                       prediction_type=args.prediction_type, save=not os.path.exists(state_path))
     scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
     train_prompts, _ = split_prompts()
     # The text encoder stays as built (random, frozen), as AnimateDiff's CLIP is frozen: trained
@@ -403,7 +407,8 @@ def train_teacher(args):
         noise = torch.randn_like(latents)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(prompts),))
         pred = unet(scheduler.add_noise(latents, noise, t), t, text).sample
-        loss = F.mse_loss(pred, common.diffusion_target(scheduler, latents, noise, t))
+        loss = F.mse_loss(pred, common.diffusion_target(scheduler, latents, noise, t), reduction="none").mean((1, 2, 3, 4))
+        loss = (loss * snr_weight(scheduler, t, args.snr_gamma)).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step(), lr_scheduler.step(), optimizer.zero_grad(set_to_none=True)
@@ -423,6 +428,18 @@ def train_teacher(args):
                 save_teacher(unet, text_encoder, base, adapter)
                 torch._foreach_copy_(params, trained)
             print(f"step {step + 1}: loss {smooth:.4f}, {time.time() - start:.0f} s", flush=True)
+
+
+def snr_weight(scheduler, t, gamma):
+    """Per-clip loss weight SNR(t) clamped to [1, gamma]. A sample-predicting model is trained on
+    an error that shrinks with the noise, so uniform weights leave the low-noise steps, where edges
+    are decided, drowned by the high-noise ones: the teacher blurred clips it was handed almost
+    clean. Min-SNR's min(SNR, gamma) would fix that but give the zero-SNR first step, the only one
+    that picks the direction, weight 0, hence the floor of 1."""
+    if gamma is None:
+        return torch.ones(len(t))
+    alpha_bar = scheduler.alphas_cumprod[t]
+    return (alpha_bar / (1 - alpha_bar)).clamp(1.0, gamma)
 
 
 ROWS = ["teacher (M0)", "pruned", "+SFT", "+DPO only", "+ReDPO", "+ReDPO offline"]

@@ -108,11 +108,11 @@ def test_pixel_vae_is_lossless(tmp_path):
 def test_teacher_training_script_runs_and_resumes(tmp_path):
     out = tmp_path / "teacher"
     world.main(world.parse_args(["teacher", "--output_dir", str(out), "--max_train_steps", "2", "--checkpointing_steps", "2",
-                                 "--train_batch_size", "2"]))
+                                 "--train_batch_size", "2", "--block_out_channels", "32", "32", "--snr_gamma", "5"]))
     state = torch.load(out / "train_state.pt", weights_only=True)
     assert state["step"] == 2
     world.main(world.parse_args(["teacher", "--output_dir", str(out), "--max_train_steps", "3", "--checkpointing_steps", "3",
-                                 "--train_batch_size", "2"]))
+                                 "--train_batch_size", "2", "--block_out_channels", "32", "32", "--snr_gamma", "5"]))
     assert torch.load(out / "train_state.pt", weights_only=True)["step"] == 3
     args = common.parse_config(["--config", str(ROOT / "configs/world.yaml"), "--pretrained_model_name_or_path",
                                 str(out / "sd"), "--motion_adapter", str(out / "motion_adapter"),
@@ -125,6 +125,17 @@ def test_teacher_training_script_runs_and_resumes(tmp_path):
     assert any(not torch.equal(saved[k], v) for k, v in state["unet"].items())  # which is not the last weights
     frames = common.generate(common.load_pipeline(args, unet), ["a red square moves left slowly"], [0], args)
     assert frames.shape == (1, 8, 16, 16, 3)
+
+
+def test_snr_weight_lifts_low_noise_steps_and_keeps_the_zero_snr_step():
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(beta_schedule="linear", beta_start=0.00085, beta_end=0.012, rescale_betas_zero_snr=True)
+    t = torch.tensor([0, 100, 200, 700, 999])  # SNR ~1e4, 6.3, 1.95, 0.02, 0
+    w = world.snr_weight(scheduler, t, 5.0)
+    assert w[-1] == 1.0  # min-SNR would give the zero-SNR step weight 0
+    assert w[0] == w[1] == 5.0 and 1.9 < w[2] < 2.0 and w[3] == 1.0
+    assert torch.equal(world.snr_weight(scheduler, t, None), torch.ones(5))
 
 
 def mean_scores(frames, prompts):
