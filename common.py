@@ -30,10 +30,13 @@ class ConfigError(ValueError):
 SECTIONS = ("model", "reward", "prune", "curate", "train", "eval")
 
 MODEL_OPTIONS = {
-    "backend": ("animatediff", "model family: animatediff | world (AnimateDiff's classes over world.py's pixel VAE)"),
+    "backend": ("animatediff", "model family: animatediff | world (AnimateDiff's classes over world.py's pixel VAE) "
+                               "| videocrafter2 (videocrafter2.py)"),
     "pretrained_model_name_or_path": ("stable-diffusion-v1-5/stable-diffusion-v1-5",
                                       "SD1.5 base: hub id or local folder (unet, vae, text_encoder, tokenizer, scheduler)"),
     "motion_adapter": ("guoyww/animatediff-motion-adapter-v1-5-2", "motion adapter: hub id or local folder"),
+    "checkpoint": ("VideoCrafter/VideoCrafter2", "videocrafter2: the official model.ckpt (hub repo id or path), "
+                                                 "converted once into pretrained_model_name_or_path"),
     "build_tiny": (False, "build random tiny models at the two paths above when missing (tests, CPU demo)"),
     "num_frames": (16, "frames per generated video"),
     "height": (512, "video height in pixels"),
@@ -493,16 +496,23 @@ def load_reward(args, device=None):
 
 
 class RemovedBlock(nn.Module):
-    """Stands in for a removed motion module. Motion modules are residual (proj_out(...) + input),
-    so the identity is exactly 'the block is gone'; deleting it from its ModuleList instead would
+    """Stands in for a removed block. Every candidate block is residual (proj_out(...) + input), so
+    the identity is exactly 'the block is gone'; deleting it from its ModuleList instead would
     break the zip(resnets, attentions, motion_modules) pairing inside the up blocks."""
 
     def forward(self, hidden_states, *args, **kwargs):
-        return hidden_states
+        # Transformers called with return_dict=False are indexed: [0] must be the hidden states.
+        return (hidden_states,) if kwargs.get("return_dict", True) is False else hidden_states
 
 
 def _motion_module_names(unet):
-    """Every motion module's path, in forward order (down, mid, up), removed or not."""
+    """Every prunable block's path, in forward order (down, mid, up), removed or not: AnimateDiff's
+    motion modules, or VideoCrafter2's candidates (videocrafter2.prunable_blocks)."""
+    if is_vc2(unet):
+        import videocrafter2
+
+        return videocrafter2.prunable_blocks(unet)
+
     def names(prefix, block):
         return [f"{prefix}.motion_modules.{j}" for j in range(len(getattr(block, "motion_modules", [])))]
 
@@ -537,10 +547,36 @@ def remove_blocks(unet, names, where="blocks"):
     _check_block_names(unet, names, where)
     old = {}
     for name in names:
-        parent, index = name.rsplit(".", 1)
-        old[name] = unet.get_submodule(parent)[int(index)]
-        unet.get_submodule(parent)[int(index)] = RemovedBlock()
+        old[name] = unet.get_submodule(name)
+        _set_submodule(unet, name, RemovedBlock())
     return old
+
+
+def _set_submodule(root, name, module):
+    parent, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent)
+    if child.isdigit():
+        parent[int(child)] = module
+    else:
+        setattr(parent, child, module)
+
+
+def is_vc2(unet):
+    return type(unet).__name__ == "VideoCrafter2UNet"
+
+
+def is_temporal(key):
+    """A parameter name of the layers `trainable: motion_modules` trains: AnimateDiff's motion
+    modules, or VideoCrafter2's temporal convolutions and transformers."""
+    from videocrafter2 import TEMPORAL
+
+    return ".motion_modules." in key or any(t in key or key.startswith(t) for t in TEMPORAL)
+
+
+def frame_text(unet, text, num_frames):
+    """Text embeddings (B, 77, D) as `unet` takes them: UNetMotionModel wants one copy per frame
+    (B*F, 77, D), the pipeline's job; VC2's UNet3D repeats them itself."""
+    return text if is_vc2(unet) else text.repeat_interleave(num_frames, dim=0)
 
 
 @contextlib.contextmanager
@@ -551,13 +587,13 @@ def blocks_removed(unet, names):
         yield unet
     finally:
         for name, module in old.items():
-            parent, index = name.rsplit(".", 1)
-            unet.get_submodule(parent)[int(index)] = module
+            _set_submodule(unet, name, module)
 
 
 def checkpoint_motion_modules(unet):
-    """Recompute each motion module in the backward pass instead of keeping its activations.
-    diffusers' gradient checkpointing leaves the motion modules out, and they are the layers trained."""
+    """Recompute each prunable block in the backward pass instead of keeping its activations.
+    diffusers' gradient checkpointing leaves the motion modules out, and they are the layers trained;
+    its UNet3D (VideoCrafter2) has none, and there the blocks cover most of the UNet."""
     from torch.utils.checkpoint import checkpoint
 
     for block in list_blocks(unet):
@@ -587,8 +623,8 @@ def denoise_inputs(unet, batch_size, num_frames, height, width, vae_scale_factor
     repeated per frame (B*F, 77, D): UNetMotionModel does not repeat them itself, the pipeline does."""
     h, w = height // vae_scale_factor, width // vae_scale_factor
     sample = torch.randn(batch_size, unet.config.in_channels, num_frames, h, w, device=device, dtype=dtype)
-    text = torch.randn(batch_size * num_frames, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)
-    return sample, torch.tensor([500], device=device), text
+    text = torch.randn(batch_size, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)
+    return sample, torch.tensor([500], device=device), frame_text(unet, text, num_frames)
 
 
 def count_flops(unet, num_frames, height, width, batch_size=1, vae_scale_factor=8):
@@ -596,17 +632,16 @@ def count_flops(unet, num_frames, height, width, batch_size=1, vae_scale_factor=
 
     Counted with torch.utils.flop_counter on a meta-device copy: no memory, no compute, any size,
     and attention counted as its matmuls (CPU's fused attention kernel has no FLOP formula)."""
-    from diffusers import UNetMotionModel
     from torch.utils.flop_counter import FlopCounterMode
 
     config = {k: v for k, v in unet.config.items() if k != "_use_default_values"}
     with torch.device("meta"):
-        ghost = UNetMotionModel.from_config(config)
+        ghost = type(unet).from_config(config)
     remove_blocks(ghost, removed_blocks(unet))
     h, w = height // vae_scale_factor, width // vae_scale_factor
     with torch.device("meta"):
         sample = torch.empty(batch_size, unet.config.in_channels, num_frames, h, w)
-        text = torch.empty(batch_size * num_frames, 77, unet.config.cross_attention_dim)
+        text = frame_text(unet, torch.empty(batch_size, 77, unet.config.cross_attention_dim), num_frames)
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         ghost(sample, torch.tensor([500], device="meta"), text)
@@ -620,10 +655,9 @@ def _same_model(a, b):
 
 
 def load_unet(args, student=None, dtype=None):
-    """The UNetMotionModel of `args` (SD1.5 UNet + motion adapter); with `student`, a folder written
-    by `save_student`, its blocks removed and its weights loaded."""
-    from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
-
+    """The UNet of `args`: AnimateDiff's UNetMotionModel (SD1.5 UNet + motion adapter) or
+    VideoCrafter2's (converted from the official checkpoint on first use); with `student`, a
+    folder written by `save_student`, its blocks removed and its weights loaded."""
     meta = None
     if student is not None:
         meta = read_student_meta(student)
@@ -631,12 +665,24 @@ def load_unet(args, student=None, dtype=None):
             if not _same_model(meta[key], getattr(args, key)):
                 raise ConfigError(f"{student}/student.json: {key} is {meta[key]!r} but the config's is "
                                   f"{getattr(args, key)!r}; expected a student of the configured base model")
-    if args.build_tiny:
-        build_tiny_animatediff(args.pretrained_model_name_or_path, args.motion_adapter)
-    unet2d = UNet2DConditionModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet",
-                                                  torch_dtype=dtype)
-    adapter = MotionAdapter.from_pretrained(args.motion_adapter, torch_dtype=dtype)
-    unet = UNetMotionModel.from_unet2d(unet2d, adapter)
+    if args.backend == "videocrafter2":
+        import videocrafter2
+
+        base = args.pretrained_model_name_or_path
+        if args.build_tiny:
+            videocrafter2.build_tiny(base)
+        elif not os.path.exists(os.path.join(base, "videocrafter2.json")):
+            videocrafter2.convert(args.checkpoint, base, tokenizer=videocrafter2.TOKENIZER)
+        unet = videocrafter2.VideoCrafter2UNet.from_pretrained(base, subfolder="unet", torch_dtype=dtype)
+    else:
+        from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
+
+        if args.build_tiny:
+            build_tiny_animatediff(args.pretrained_model_name_or_path, args.motion_adapter)
+        unet2d = UNet2DConditionModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet",
+                                                      torch_dtype=dtype)
+        adapter = MotionAdapter.from_pretrained(args.motion_adapter, torch_dtype=dtype)
+        unet = UNetMotionModel.from_unet2d(unet2d, adapter)
     if meta is not None:
         remove_blocks(unet, meta["removed_blocks"], f"{student}/student.json: removed_blocks")
         from safetensors.torch import load_file
@@ -657,7 +703,7 @@ def load_unet(args, student=None, dtype=None):
 def _student_state(unet, weights):
     state = unet.state_dict()
     if weights == "motion_modules":
-        state = {k: v for k, v in state.items() if ".motion_modules." in k}
+        state = {k: v for k, v in state.items() if is_temporal(k)}
     return state
 
 
@@ -687,7 +733,7 @@ def save_student(unet, out_dir, args, weights="motion_modules", extra=None):
     with atomic_path(os.path.join(out_dir, "student.safetensors")) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
     meta = {
-        "backend": "animatediff",
+        "backend": args.backend,
         "pretrained_model_name_or_path": args.pretrained_model_name_or_path,
         "motion_adapter": args.motion_adapter,
         "removed_blocks": removed_blocks(unet),
@@ -701,12 +747,19 @@ def save_student(unet, out_dir, args, weights="motion_modules", extra=None):
 
 def load_pipeline(args, unet, device=None, dtype=None):
     """An AnimateDiffPipeline around `unet`, with the base model's VAE, text encoder and tokenizer
-    and AnimateDiff's DDIM settings (linear betas, no sample clipping)."""
+    and AnimateDiff's DDIM settings (linear betas, no sample clipping); for VideoCrafter2, its own
+    pipeline (VC2's sampler) with the same call and `decode_latents`."""
     from diffusers import AnimateDiffPipeline, AutoencoderKL, DDIMScheduler
 
     base = args.pretrained_model_name_or_path
-    if args.backend not in ("animatediff", "world"):
-        raise ConfigError(f"model.backend: expected animatediff or world; got {args.backend!r}")
+    if args.backend not in ("animatediff", "world", "videocrafter2"):
+        raise ConfigError(f"model.backend: expected animatediff, world or videocrafter2; got {args.backend!r}")
+    if args.backend == "videocrafter2":
+        import videocrafter2
+
+        pipe = videocrafter2.load_pipeline(base, unet, dtype=dtype)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe.to(device=device, dtype=dtype)
     vae_class = AutoencoderKL
     if args.backend == "world":
         from world import PixelVAE as vae_class
@@ -747,9 +800,14 @@ def encode_prompts(text_encoder, tokenizer, prompts, device):
 
 
 def noise_scheduler(args):
-    """The training noise schedule: AnimateDiff's linear betas, the same as the sampler's."""
+    """The training noise schedule: AnimateDiff's linear betas, the same as the sampler's; VC2's
+    scaled-linear betas with its latent scaling."""
     from diffusers import DDPMScheduler
 
+    if args.backend == "videocrafter2":
+        import videocrafter2
+
+        return videocrafter2.training_scheduler()
     return DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler",
                                          beta_schedule="linear", clip_sample=False)
 

@@ -72,8 +72,8 @@ def measure_latency(pipe, args, runs):
     return sorted(times[1:])[len(times[1:]) // 2]
 
 
-def table(models, aspects):
-    head = ["Model"] + [ASPECT_TITLES[a] for a in aspects] + ["Average", "Motion params", "UNet params",
+def table(models, aspects, blocks="Motion params"):
+    head = ["Model"] + [ASPECT_TITLES[a] for a in aspects] + ["Average", blocks, "UNet params",
                                                              "GFLOPs/step", "Latency (s)"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in models:
@@ -138,12 +138,15 @@ def main(args):
         report = {"aspects": list(args.aspects), "prompts": args.eval_prompts, "num_prompts": len(prompts),
                   "device": str(accelerator.device), "models": models}
         reward_name = args.reward_model if args.reward == "videoscore" else f"{args.reward} (exact)"
+        vc2 = args.backend == "videocrafter2"  # its candidates are blocks of every kind; the paper counts the UNet
+        blocks = ("of the prunable blocks and of the whole UNet (the paper's count)" if vc2 else
+                  "of the motion modules (the paper's count) and of the whole UNet")
         md = (f"# Evaluation on {len(prompts)} held-out prompts ({args.eval_prompts})\n\n"
-              f"Reward: {reward_name}; average over {', '.join(args.aspects)}; parameters of the motion "
-              f"modules (the paper's count) and of the whole UNet; FLOPs of one UNet call for one video "
+              f"Reward: {reward_name}; average over {', '.join(args.aspects)}; parameters {blocks}; "
+              f"FLOPs of one UNet call for one video "
               f"({args.num_frames} frames, {args.height}x{args.width}); latency: one video, "
               f"{args.num_inference_steps} steps with guidance, median of {args.latency_runs}, on {accelerator.device}.\n\n"
-              + table(models, args.aspects))
+              + table(models, args.aspects, "Block params" if vc2 else "Motion params"))
         common.atomic_write_text(os.path.join(out, "eval.md"), md)
         common.atomic_write_json(os.path.join(out, "eval.json"), report)  # last: marks the evaluation done
         print(md)

@@ -36,7 +36,7 @@ OPTIONS = {
     "output_dir": (None, "where the trained student, checkpoints and logs go"),
     "student": (None, "student to train: a folder from prune.py (student/)"),
     "pairs": ([], "pair manifest(s) from curate.py (pairs.jsonl); several: comma-separated or a YAML list"),
-    "trainable": ("motion_modules", "motion_modules (AnimateDiff's own training) | unet"),
+    "trainable": ("motion_modules", "motion_modules (AnimateDiff's motion modules; VideoCrafter2's temporal layers) | unet"),
     "loss_type": ("redpo", "redpo | dpo (w/o SFT) | sft (w/o DPO)"),
     "beta": (2500.0, "DPO temperature; no 0.5 factor: 2500 here = Diffusion-DPO's beta_dpo 5000"),
     "w_sft": (1.0, "weight of the SFT term (student to teacher on winners)"),
@@ -164,9 +164,15 @@ def main(args):
     student.requires_grad_(args.trainable == "unet")
     if args.trainable == "motion_modules":
         for name, p in student.named_parameters():
-            p.requires_grad_(".motion_modules." in name)
+            p.requires_grad_(common.is_temporal(name))
+    # The DPO term compares the student with the reference, which runs without dropout (VC2's
+    # temporal convolutions have some): with it, equal weights would give unequal predictions.
+    for module in student.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
     if args.gradient_checkpointing:
-        student.enable_gradient_checkpointing()
+        if student._supports_gradient_checkpointing:  # diffusers' UNet3D (VC2) has none of its own
+            student.enable_gradient_checkpointing()
         common.checkpoint_motion_modules(student)
     text_encoder, tokenizer = common.load_text_encoder(args, dtype=dtype)
     text_encoder.to(accelerator.device)
@@ -232,7 +238,7 @@ def main(args):
                 target = common.diffusion_target(noise_scheduler, latents, noise, timesteps)
                 with torch.no_grad():
                     text = common.encode_prompts(text_encoder, tokenizer, batch["prompts"], accelerator.device)
-                    text = text.repeat(2, 1, 1).repeat_interleave(frames, dim=0)  # (2B*F, 77, D)
+                    text = common.frame_text(teacher, text.repeat(2, 1, 1), frames)  # (2B[*F], 77, D)
                     ref_pred = teacher(noisy.to(dtype), timesteps, text.to(dtype)).sample  # used by both terms
                 model_pred = student(noisy, timesteps, text).sample
                 loss, metrics = common.redpo_loss(model_pred, ref_pred, target, beta=args.beta, w_sft=args.w_sft,

@@ -51,6 +51,8 @@ TINY_TEXT_CONFIG = dict(TEXT_CONFIG, vocab_size=514, hidden_size=32, intermediat
 INFERENCE_DEFAULTS = dict(height=320, width=512, num_frames=16, fps=28, guidance_scale=12.0, num_inference_steps=50,
                           eta=1.0)
 SCALE_B, MID_STEP = 0.7, 400  # use_scale: scale_b from the model config, mid_step lvdm's default
+# OpenCLIP's BPE vocabulary in transformers' format, from the text tower's own repository.
+TOKENIZER = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 
 
 class VideoCrafter2UNet(UNet3DConditionModel):
@@ -294,6 +296,20 @@ def load_official(path):
                              f"got {type(ckpt).__name__} with keys {list(ckpt)[:5] if isinstance(ckpt, dict) else '-'}")
 
 
+def load_tokenizer(name, cache_dir=None):
+    """A CLIP BPE tokenizer from a hub id or folder, in its tokenizer/ subfolder or at its root."""
+    import common
+    from transformers import CLIPTokenizer
+
+    for subfolder in ("tokenizer", ""):
+        try:
+            return CLIPTokenizer.from_pretrained(name, subfolder=subfolder, cache_dir=cache_dir)
+        except (OSError, ValueError):
+            continue
+    raise common.ConfigError(f"--tokenizer {name}: no CLIP tokenizer in it (tried tokenizer/ and its root); expected "
+                             f"a hub id or folder with OpenCLIP's BPE vocabulary, e.g. {TOKENIZER}")
+
+
 def scheduler_of():
     """VC2's DDIM settings as a diffusers scheduler config: SD's betas (lvdm's 'linear' is diffusers'
     scaled_linear), timesteps 1, 21, ..., 981 for 50 steps, the last step's previous alpha is
@@ -326,10 +342,7 @@ def convert(checkpoint, output_dir, tokenizer, configs=(UNET_CONFIG, VAE_CONFIG,
         model.load_state_dict({k: v.float().contiguous() for k, v in weights.items()}, strict=False, assign=True)
         model.save_pretrained(os.path.join(tmp, name))
     if isinstance(tokenizer, str):
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer, subfolder="tokenizer" if not os.path.isdir(tokenizer)
-                                                  or os.path.isdir(os.path.join(tokenizer, "tokenizer")) else "")
+        tokenizer = load_tokenizer(tokenizer, cache_dir)
     tokenizer.pad_token = tokenizer.convert_ids_to_tokens(0)  # OpenCLIP pads with token 0 ("!"), not with end-of-text
     tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
     scheduler_of().save_pretrained(os.path.join(tmp, "scheduler"))
@@ -371,21 +384,144 @@ def ddim_step(x, eps, abar_t, abar_prev, scale_t, scale_prev, eta=0.0, noise=Non
 @torch.no_grad()
 def sample(unet, scheduler, text, uncond, latents, fps, num_inference_steps, guidance_scale, eta=1.0, generator=None):
     """Latents (B, 4, F, h, w) from noise `latents` by VC2's DDIM with classifier-free guidance;
-    `text` and `uncond` are (B, 77, D) embeddings of the prompts and of ""."""
+    `text` and `uncond` are (B, 77, D) embeddings of the prompts and of ""; `generator` one or
+    one per video, for eta's noise."""
     scheduler.set_timesteps(num_inference_steps)
     steps = scheduler.timesteps.tolist()  # 981, 961, ..., 1 for 50 steps
     abar = scheduler.alphas_cumprod
-    x = latents
+    # The sampler's state, the guidance (which multiplies rounding errors by its scale) and the
+    # DDIM update stay in float32, as in VC2; only the UNet runs in its own dtype.
+    x = latents.float()
+    context = torch.cat([uncond, text]).to(unet.dtype)
     for i, t in enumerate(steps):
         prev = steps[i + 1] if i + 1 < len(steps) else 0  # the last step lands at alphas_cumprod[0], scale 1
-        both = unet(torch.cat([x, x]), t, torch.cat([uncond, text]), fps=torch.cat([fps, fps]) if torch.is_tensor(fps)
-                    else fps).sample
+        both = unet(torch.cat([x, x]).to(unet.dtype), t, context,
+                    fps=torch.cat([fps, fps]) if torch.is_tensor(fps) else fps).sample.float()
         e_uncond, e_text = both.chunk(2)
         eps = e_uncond + guidance_scale * (e_text - e_uncond)
-        noise = torch.randn(x.shape, generator=generator, device="cpu").to(x) if eta > 0 else None
+        noise = None
+        if eta > 0:  # one generator per video, so a video does not depend on its batch
+            gens = generator if isinstance(generator, list) else [generator] * len(x)
+            noise = torch.cat([torch.randn((1, *x.shape[1:]), generator=g) for g in gens]).to(x)
         x = ddim_step(x, eps, float(abar[t]), float(abar[prev]), float(latent_scale(t)), float(latent_scale(prev)),
                       eta, noise)
     return x
+
+
+from diffusers import DDPMScheduler, DiffusionPipeline  # noqa: E402
+
+
+class VideoCrafter2Scheduler(DDPMScheduler):
+    """The training noise schedule: SD's betas and VC2's latent scaling in `add_noise`, so a
+    training loop written for diffusers' schedulers noises latents as VC2 was trained."""
+
+    def add_noise(self, original_samples, noise, timesteps):
+        return add_noise(self, original_samples, noise, timesteps)
+
+
+def training_scheduler():
+    return VideoCrafter2Scheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                  clip_sample=False, prediction_type="epsilon")
+
+
+class VideoCrafter2Pipeline(DiffusionPipeline):
+    """Text to video with VC2: prompts -> OpenCLIP text embeddings -> VC2's DDIM with guidance ->
+    latents (output_type="latent") -> `decode_latents` -> video in [-1, 1], as AnimateDiffPipeline."""
+
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler):
+        super().__init__()
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+
+    def _encode(self, prompts):
+        ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(self._execution_device)
+        return self.text_encoder(ids)[0].to(self.unet.dtype)
+
+    @torch.no_grad()
+    def __call__(self, prompt, num_frames=INFERENCE_DEFAULTS["num_frames"], height=INFERENCE_DEFAULTS["height"],
+                 width=INFERENCE_DEFAULTS["width"], num_inference_steps=INFERENCE_DEFAULTS["num_inference_steps"],
+                 guidance_scale=INFERENCE_DEFAULTS["guidance_scale"], generator=None, output_type="latent",
+                 fps=INFERENCE_DEFAULTS["fps"], eta=INFERENCE_DEFAULTS["eta"]):
+        from diffusers.utils import BaseOutput
+
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        generators = generator if isinstance(generator, list) else [generator] * len(prompts)
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        shape = (1, self.unet.config.in_channels, num_frames, height // factor, width // factor)
+        latents = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(self._execution_device)
+        latents = sample(self.unet, self.scheduler, self._encode(prompts), self._encode([""] * len(prompts)), latents,
+                         fps, num_inference_steps, guidance_scale, eta, generators)
+        frames = latents if output_type == "latent" else self.decode_latents(latents)
+        return BaseOutput(frames=frames)
+
+    def decode_latents(self, latents):
+        """(B, 4, F, h, w) latents -> (B, 3, F, H, W) video in [-1, 1], decoded a frame at a time as VC2 does."""
+        b, _, f = latents.shape[:3]
+        flat = latents.permute(0, 2, 1, 3, 4).flatten(0, 1) / self.vae.config.scaling_factor
+        video = torch.cat([self.vae.decode(z[None].to(self.vae.dtype)).sample for z in flat])
+        return video.reshape(b, f, *video.shape[1:]).permute(0, 2, 1, 3, 4).float()
+
+
+def load_pipeline(base, unet, dtype=None):
+    from transformers import AutoTokenizer
+
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=dtype)
+    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(base, subfolder="tokenizer")
+    return VideoCrafter2Pipeline(vae, text_encoder.eval().requires_grad_(False), tokenizer, unet, scheduler_of())
+
+
+# -----------------------------------------------------------------------------
+# Pruning: VC2's candidate blocks, each residual, so an identity in its place is "the block is gone".
+
+TEMPORAL = ("transformer_in.", ".temp_convs.", ".temp_attentions.")  # what trainable: temporal trains
+
+
+def prunable_blocks(unet):
+    """Every candidate block's path, in forward order: the first temporal transformer; per level
+    each ResBlock whose input and output shapes agree, its temporal convolution, its spatial and
+    temporal transformers. Removed blocks keep their names (see common.RemovedBlock)."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    def level(prefix, block):
+        names = []
+        for j in range(len(block.resnets)):
+            resnet = block.resnets[j]
+            if not isinstance(resnet, ResnetBlock2D) or (resnet.in_channels == resnet.out_channels and resnet.conv_shortcut is None):
+                names.append(f"{prefix}.resnets.{j}")
+            for kind in ("temp_convs", "attentions", "temp_attentions"):
+                if j < len(getattr(block, kind, None) or []):
+                    names.append(f"{prefix}.{kind}.{j}")
+        return names
+
+    names = ["transformer_in"]
+    for i, block in enumerate(unet.down_blocks):
+        names += level(f"down_blocks.{i}", block)
+    names += level("mid_block", unet.mid_block)
+    for i, block in enumerate(unet.up_blocks):
+        names += level(f"up_blocks.{i}", block)
+    return names
+
+
+def build_tiny(base_dir, seed=0):
+    """A tiny VC2 with random weights, written as an official model.ckpt (beside `base_dir`) and
+    converted into `base_dir` by the same path as the real checkpoint. Does nothing if present."""
+    import common
+
+    if os.path.exists(os.path.join(base_dir, "videocrafter2.json")):
+        return base_dir
+    torch.manual_seed(seed)
+    models = build_models(TINY_UNET_CONFIG, TINY_VAE_CONFIG, TINY_TEXT_CONFIG)
+    for model in models:  # the UNet's zero-initialised output layers would make every video the same
+        for p in model.parameters():
+            torch.nn.init.normal_(p, std=0.05) if p.dim() > 1 else None
+    state = official_state_dict(*models)
+    state.update({k: torch.zeros(1400 if k == "scale_arr" else 1000) for k in SCHEDULE_BUFFERS})
+    ckpt = base_dir.rstrip("/") + ".ckpt"
+    with common.atomic_path(ckpt) as tmp:
+        torch.save({"state_dict": state}, tmp)
+    return convert(ckpt, base_dir, common._tiny_clip_tokenizer(), configs=(TINY_UNET_CONFIG, TINY_VAE_CONFIG,
+                                                                             TINY_TEXT_CONFIG))
 
 
 def parse_args(argv=None):
@@ -394,8 +530,8 @@ def parse_args(argv=None):
     c = sub.add_parser("convert", help="convert the official model.ckpt into weights/videocrafter2")
     c.add_argument("--checkpoint", default="VideoCrafter/VideoCrafter2", help="hub repo id holding model.ckpt, or its path")
     c.add_argument("--output_dir", default="weights/videocrafter2")
-    c.add_argument("--tokenizer", default="stabilityai/stable-diffusion-2-1",
-                   help="a CLIP BPE tokenizer (hub id or folder): SD 2.x's is OpenCLIP's vocabulary")
+    c.add_argument("--tokenizer", default=TOKENIZER,
+                   help="a CLIP BPE tokenizer (hub id or folder) with OpenCLIP's vocabulary")
     c.add_argument("--cache_dir", default=None)
     c.add_argument("--revision", default=None)
     return p.parse_args(argv)

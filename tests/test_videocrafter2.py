@@ -157,3 +157,59 @@ def test_a_checkpoint_with_pickled_objects_is_refused_not_run(tmp_path):
     torch.save({"weights": {}}, tmp_path / "other.ckpt")
     with pytest.raises(common.ConfigError, match="expected a dict with 'state_dict'"):
         vc2.load_official(str(tmp_path / "other.ckpt"))
+
+
+def test_vip_loop_runs_one_stage_on_a_tiny_vc2(tmp_path, tiny_reward):
+    import yaml
+    from conftest import FAST, run_script
+    from safetensors.torch import load_file
+
+    config = yaml.safe_load((ROOT / "configs" / "tiny_videocrafter2.yaml").read_text())
+    for section, values in FAST.items():
+        config[section].update({k: v for k, v in values.items() if k != "build_tiny"})
+    config["model"].update(pretrained_model_name_or_path=str(tmp_path / "models" / "vc2"), height=32, width=32)
+    config["reward"]["reward_model"] = tiny_reward
+    config["train"]["gradient_checkpointing"] = True  # diffusers' UNet3D has none of its own: ours covers it
+    for section, key in (("prune", "prune_prompts"), ("curate", "curation_prompts"), ("eval", "eval_prompts")):
+        config[section][key] = str(ROOT / config[section][key])
+    (tmp_path / "vc2.yaml").write_text(yaml.safe_dump(config))
+    run = tmp_path / "run"
+    run_script("bash", "vip_loop.sh", "tiny_videocrafter2", "1", env={"CONFIG": str(tmp_path / "vc2.yaml"), "RUN_DIR": str(run)},
+               timeout=900)
+
+    assert (tmp_path / "models" / "vc2.ckpt").exists()  # the tiny model went through the official layout
+    assert json.loads((tmp_path / "models" / "vc2" / "videocrafter2.json").read_text())["unet_parameters"] > 0
+    pruned = json.loads((run / "stage_1" / "prune" / "student" / "student.json").read_text())
+    assert pruned["backend"] == "videocrafter2" and len(pruned["removed_blocks"]) == 1
+    unet = vc2.VideoCrafter2UNet(**vc2.TINY_UNET_CONFIG)
+    assert pruned["removed_blocks"][0] in vc2.prunable_blocks(unet)
+    trained = json.loads((run / "stage_1" / "train" / "student" / "student.json").read_text())
+    assert trained["weights"] == "unet" and trained["removed_blocks"] == pruned["removed_blocks"]
+    weights = load_file(run / "stage_1" / "train" / "student" / "student.safetensors")
+    teacher = vc2.VideoCrafter2UNet.from_pretrained(tmp_path / "models" / "vc2" / "unet").state_dict()
+    assert any(not torch.equal(v, teacher[k]) for k, v in weights.items())  # ReDPO moved the student
+    report = json.loads((run / "eval" / "eval.json").read_text())
+    assert [m["label"] for m in report["models"]] == ["teacher (M0)", "stage_1/prune", "stage_1/train"]
+    assert report["models"][1]["unet_parameters"] < report["models"][0]["unet_parameters"]
+
+
+def test_every_kind_of_block_is_removable_and_removal_saves_parameters_and_flops():
+    torch.manual_seed(0)
+    unet = vc2.VideoCrafter2UNet(**vc2.TINY_UNET_CONFIG).eval()
+    blocks = common.list_blocks(unet)
+    kinds = {b["name"].split(".")[-2] if "." in b["name"] else b["name"] for b in blocks}
+    assert kinds == {"transformer_in", "resnets", "temp_convs", "attentions", "temp_attentions"}
+    chosen = ["transformer_in"] + [next(b["name"] for b in blocks if f".{k}." in b["name"])
+                                   for k in ("resnets", "temp_convs", "attentions", "temp_attentions")]
+    x, text = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 5, 32)
+    flops, params = common.count_flops(unet, 3, 16, 16, vae_scale_factor=2), common.count_parameters(unet)
+    with torch.no_grad():
+        full = unet(x, 10, text).sample
+        with common.blocks_removed(unet, chosen):
+            pruned = unet(x, 10, text).sample
+            assert common.removed_blocks(unet) == chosen
+            assert common.count_flops(unet, 3, 16, 16, vae_scale_factor=2) < flops
+            saved = params - common.count_parameters(unet)
+            assert saved == sum(b["params"] for b in blocks if b["name"] in chosen)
+        assert torch.equal(unet(x, 10, text).sample, full)  # put back as it was
+    assert pruned.shape == full.shape and not torch.allclose(pruned, full)
