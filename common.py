@@ -240,16 +240,20 @@ def redpo_loss(model_pred, ref_pred, target, *, beta, w_sft, loss_type="redpo"):
     sft = per_sample_mse(model_pred[:n], ref_pred[:n]).mean()
     loss = {"redpo": dpo + w_sft * sft, "dpo": dpo, "sft": sft}[loss_type]
 
+    # TRL's DPO names: a sample's implicit reward is -beta * (its error - the reference's error).
+    chosen, rejected = -beta * (model_w - ref_w), -beta * (model_l - ref_l)
     metrics = {
         "loss": loss.item(),
         "dpo_loss": dpo.item(),
         "sft_loss": sft.item(),
-        "implicit_acc": (logits > 0).float().mean().item(),
-        "reward_margin": (logits.mean() / beta).item() if beta else 0.0,
-        "model_mse_w": model_w.mean().item(),
-        "model_mse_l": model_l.mean().item(),
-        "ref_mse_w": ref_w.mean().item(),
-        "ref_mse_l": ref_l.mean().item(),
+        "rewards/chosen": chosen.mean().item(),
+        "rewards/rejected": rejected.mean().item(),
+        "rewards/accuracies": (logits > 0).float().mean().item(),
+        "rewards/margins": logits.mean().item(),  # = chosen - rejected
+        "mse/model_winner": model_w.mean().item(),
+        "mse/model_loser": model_l.mean().item(),
+        "mse/ref_winner": ref_w.mean().item(),
+        "mse/ref_loser": ref_l.mean().item(),
     }
     return loss, metrics
 
@@ -936,6 +940,7 @@ def read_prompts(path):
 
 # Keys that change how a run goes, not what it makes: a rerun differing only in them resumes.
 RUN_ONLY_KEYS = {"output_dir", "resume_from_checkpoint", "report_to", "logging_steps", "checkpointing_steps",
+                 "validation_steps", "validation_prompts", "num_validation_videos",
                  "checkpoints_total_limit", "dataloader_num_workers", "generation_batch_size", "reward_batch_size"}
 
 

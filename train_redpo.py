@@ -56,8 +56,11 @@ OPTIONS = {
     "checkpointing_steps": (100, "save resumable state every this many updates"),
     "checkpoints_total_limit": (None, "keep at most this many checkpoints"),
     "resume_from_checkpoint": (None, "a checkpoint folder, or 'latest' (starts fresh when there is none)"),
-    "report_to": ("none", "none | tensorboard | wandb"),
+    "report_to": ("tensorboard", "tensorboard (logs in <output_dir>/logs) | wandb (pip install wandb) | none"),
     "logging_steps": (10, "print and log metrics every this many updates"),
+    "validation_steps": (None, "every this many updates, sample validation videos with the student (None: never)"),
+    "validation_prompts": ([], "prompts of the validation videos (default: the first pairs' prompts)"),
+    "num_validation_videos": (2, "validation videos per validation, seeds 0, 1, ..."),
     "dataloader_num_workers": (0, "data loader worker processes"),
     "seed": (0, "seed of noise, timesteps and data order"),
 }
@@ -134,6 +137,45 @@ def save_checkpoint(accelerator, args, step):
     return final
 
 
+def check_tracker(report_to):
+    import importlib.util
+
+    package = {"tensorboard": "tensorboard", "wandb": "wandb", "none": None}
+    if report_to not in package:
+        raise common.ConfigError(f"train.report_to: expected tensorboard, wandb or none; got {report_to!r}")
+    if package[report_to] and importlib.util.find_spec(package[report_to]) is None:
+        raise common.ConfigError(f"train.report_to: {report_to} is not installed; pip install {package[report_to]}, "
+                                 f"or --report_to none")
+
+
+def validate(accelerator, args, student, step, prompts, pipe):
+    """Sample the validation videos with the student: MP4s in <output_dir>/validation/step-<step>/,
+    the same prompts and seeds every time, and to the tracker (frames side by side for
+    TensorBoard, the MP4s for wandb)."""
+    unet = accelerator.unwrap_model(student)
+    unet.eval()
+    with accelerator.autocast():  # the student trains in float32, the frozen parts run in the training dtype
+        frames = common.generate(common.with_unet(pipe, unet), prompts, list(range(len(prompts))), args)
+    unet.train()
+    folder = os.path.join(args.output_dir, "validation", f"step-{step}")
+    paths = []
+    for i, (video, prompt) in enumerate(zip(frames, prompts)):
+        paths.append(os.path.join(folder, f"{i}.mp4"))
+        with common.atomic_path(paths[-1]) as tmp:
+            common.write_video(tmp, video, fps=args.fps)
+    common.atomic_write_json(os.path.join(folder, "prompts.json"), prompts)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            for i, (video, prompt) in enumerate(zip(frames, prompts)):
+                strip = video.transpose(1, 0, 2, 3).reshape(video.shape[1], -1, 3)  # (H, F*W, 3)
+                tracker.writer.add_image(f"validation/{i}: {prompt}"[:120], strip, step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Video(p, caption=q) for p, q in zip(paths, prompts)]}, step=step)
+    return paths
+
+
 def main(args):
     for key in ("output_dir", "student", "pairs"):
         if not getattr(args, key):
@@ -142,6 +184,7 @@ def main(args):
         raise common.ConfigError(f"train.trainable: expected motion_modules or unet; got {args.trainable!r}")
     if args.loss_type not in common.LOSS_TYPES:
         raise common.ConfigError(f"train.loss_type: expected one of {', '.join(common.LOSS_TYPES)}; got {args.loss_type!r}")
+    check_tracker(args.report_to)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -214,6 +257,8 @@ def main(args):
                       f"{args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps} pairs, "
                       f"loss {args.loss_type} (beta {args.beta}, w_sft {args.w_sft})")
     micro_step = global_step * args.gradient_accumulation_steps
+    validation_prompts = args.validation_prompts or [row["prompt"] for row in dataset.rows[:args.num_validation_videos]]
+    validation_prompts, validation_pipe = validation_prompts[:args.num_validation_videos], None
     bar = tqdm(total=args.max_train_steps, initial=global_step, desc="train", disable=not accelerator.is_main_process)
     log = open(os.path.join(args.output_dir, "metrics.jsonl"), "a") if accelerator.is_main_process else None
     for epoch in range(first_epoch, num_epochs):
@@ -259,7 +304,7 @@ def main(args):
                 global_step += 1
                 bar.update(1)
                 metrics["lr"] = lr_scheduler.get_last_lr()[0]
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['implicit_acc']:.2f}")
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
                 if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
                     accelerator.log(metrics, step=global_step)
                     if log:
@@ -267,6 +312,10 @@ def main(args):
                         log.flush()
                 if global_step % args.checkpointing_steps == 0:
                     save_checkpoint(accelerator, args, global_step)
+                if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
+                    if validation_pipe is None:  # the frozen VAE and text encoder, loaded on first use
+                        validation_pipe = common.load_pipeline(args, teacher, accelerator.device, dtype)
+                    validate(accelerator, args, student, global_step, validation_prompts, validation_pipe)
                 if global_step >= args.max_train_steps:
                     break
         if global_step >= args.max_train_steps:

@@ -24,9 +24,10 @@ def test_hand_computed_values():
     assert m["sft_loss"] == pytest.approx(1.0)
     assert loss.item() == pytest.approx(dpo + 0.5, abs=1e-6)
     assert m["loss"] == pytest.approx(dpo + 0.5, abs=1e-6)
-    assert m["implicit_acc"] == 1.0
-    assert m["reward_margin"] == pytest.approx(2.0)
-    assert (m["model_mse_w"], m["model_mse_l"], m["ref_mse_w"], m["ref_mse_l"]) == (1.0, 2.0, 2.0, 1.0)
+    assert m["rewards/accuracies"] == 1.0
+    assert (m["rewards/chosen"], m["rewards/rejected"]) == (pytest.approx(0.5), pytest.approx(-0.5))
+    assert m["rewards/margins"] == pytest.approx(1.0)  # beta * 2.0
+    assert (m["mse/model_winner"], m["mse/model_loser"], m["mse/ref_winner"], m["mse/ref_loser"]) == (1.0, 2.0, 2.0, 1.0)
     assert all(isinstance(v, float) for v in m.values())
 
 
@@ -48,11 +49,11 @@ def test_mse_averages_every_non_batch_dim_of_video_latents():
     model[0, ..., 0] = 2.0  # winner 0: 12 of 60 elements at error 4 -> mse 0.8
     model[2, ..., 4] = 1.0  # loser 0: 12 of 60 elements at error 1 -> mse 0.2
     _, m = redpo_loss(model, target.clone(), target, beta=1.0, w_sft=0.0)
-    assert m["model_mse_w"] == pytest.approx(0.4)  # (0.8 + 0) / 2 winners
-    assert m["model_mse_l"] == pytest.approx(0.1)
+    assert m["mse/model_winner"] == pytest.approx(0.4)  # (0.8 + 0) / 2 winners
+    assert m["mse/model_loser"] == pytest.approx(0.1)
     # pair 0: logits = -(0.8 - 0.2) < 0; pair 1: logits = 0 -> not > 0
-    assert m["implicit_acc"] == 0.0
-    assert m["reward_margin"] == pytest.approx(-0.3)
+    assert m["rewards/accuracies"] == 0.0
+    assert m["rewards/margins"] == pytest.approx(-0.3)
 
 
 def test_gradient_reaches_student_only():

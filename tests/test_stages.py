@@ -13,6 +13,7 @@ import curate
 import evaluate
 import prune
 import train_redpo
+from conftest import run_script
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +100,7 @@ def test_train_moves_the_student_and_keeps_the_pruned_layout(fast_config, stage)
     out = stage / "train"
     train_redpo.main(train_redpo.parse_args([
         "--config", fast_config, "--output_dir", str(out), "--student", str(stage / "prune" / "student"),
-        "--pairs", str(stage / "curate" / "pairs.jsonl")]))
+        "--pairs", str(stage / "curate" / "pairs.jsonl"), "--validation_steps", "2"]))
     meta = json.loads((out / "student" / "student.json").read_text())
     init = json.loads((stage / "prune" / "student" / "student.json").read_text())
     assert meta["removed_blocks"] == init["removed_blocks"] and meta["steps"] == 4 and meta["loss_type"] == "redpo"
@@ -107,10 +108,39 @@ def test_train_moves_the_student_and_keeps_the_pruned_layout(fast_config, stage)
     start = load_file(stage / "prune" / "student" / "student.safetensors")
     assert trained.keys() == start.keys()
     assert any(not torch.equal(trained[k], start[k]) for k in trained)
-    assert sorted(os.listdir(out)) == ["checkpoint-2", "checkpoint-4", "config.yaml", "metrics.jsonl", "student"]
+    assert sorted(os.listdir(out)) == ["checkpoint-2", "checkpoint-4", "config.yaml", "logs", "metrics.jsonl", "student",
+                                       "validation"]
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in logged] == [1, 2, 3, 4]
-    assert {"loss", "dpo_loss", "sft_loss", "implicit_acc", "reward_margin", "lr"} <= logged[0].keys()
+    names = {"loss", "dpo_loss", "sft_loss", "rewards/accuracies", "rewards/margins", "rewards/chosen",
+             "mse/model_winner", "mse/model_loser", "mse/ref_winner", "mse/ref_loser", "lr"}
+    assert names <= logged[0].keys()
+
+    # TensorBoard (the default tracker) got the same numbers, and the validation videos as images.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent)).Reload()
+    assert names <= set(events.Tags()["scalars"])
+    assert [e.value for e in events.Scalars("rewards/margins")] == pytest.approx([m["rewards/margins"] for m in logged])
+    assert len(events.Tags()["images"]) == 2 and all(len(events.Images(t)) == 2 for t in events.Tags()["images"])
+    # The same prompts and seeds at steps 2 and 4.
+    prompts = json.loads((out / "validation" / "step-2" / "prompts.json").read_text())
+    assert prompts == json.loads((out / "validation" / "step-4" / "prompts.json").read_text()) and len(prompts) == 2
+    early, late = (common.read_video(out / "validation" / s / "0.mp4") for s in ("step-2", "step-4"))
+    assert early.shape == late.shape == (4, 64, 64, 3)
+
+
+def test_report_to_names_a_missing_tracker_in_one_line(fast_config, stage, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    out = run_script("python", "train_redpo.py", "--config", fast_config, "--output_dir", str(tmp_path),
+                     "--student", str(stage / "prune" / "student"), "--pairs", str(stage / "curate" / "pairs.jsonl"),
+                     "--report_to", "wandb", check=False)
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == (
+        "error: train.report_to: wandb is not installed; pip install wandb, or --report_to none")
+    assert not (tmp_path / "student").exists()
 
 
 @pytest.mark.parametrize("loss_type", ["sft", "dpo"])
