@@ -37,6 +37,8 @@ MODEL_OPTIONS = {
     "motion_adapter": ("guoyww/animatediff-motion-adapter-v1-5-2", "motion adapter: hub id or local folder"),
     "checkpoint": ("VideoCrafter/VideoCrafter2", "videocrafter2: the official model.ckpt (hub repo id or path), "
                                                  "converted once into pretrained_model_name_or_path"),
+    "cache_dir": (None, "where hub downloads go (default: the Hugging Face cache, HF_HOME)"),
+    "revision": (None, "hub revision (branch, tag or commit) of pretrained_model_name_or_path (and of checkpoint)"),
     "build_tiny": (False, "build random tiny models at the two paths above when missing (tests, CPU demo)"),
     "num_frames": (16, "frames per generated video"),
     "height": (512, "video height in pixels"),
@@ -367,15 +369,15 @@ class VideoScorer:
 
     @classmethod
     def from_pretrained(cls, name_or_path=VIDEOSCORE_DEFAULT, num_frames=None, device=None, dtype=None,
-                        batch_size=1):
+                        batch_size=1, cache_dir=None):
         from transformers import AutoProcessor
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        model = Idefics2ForSequenceClassification.from_pretrained(name_or_path, dtype=dtype)
+        model = Idefics2ForSequenceClassification.from_pretrained(name_or_path, dtype=dtype, cache_dir=cache_dir)
         model.to(device).eval().requires_grad_(False)
-        processor = AutoProcessor.from_pretrained(name_or_path)
+        processor = AutoProcessor.from_pretrained(name_or_path, cache_dir=cache_dir)
         if num_frames is None:  # what each release was trained with
             num_frames = 48 if "v1.1" in str(name_or_path) else 16
         return cls(model, processor, num_frames, batch_size)
@@ -480,6 +482,15 @@ def build_tiny_videoscore(out_dir, seed=0, image_size=32, image_seq_len=4, hidde
     return str(out_dir)
 
 
+def hub(args, revision=True):
+    """from_pretrained's hub arguments of a config: its cache_dir everywhere; its revision only for
+    the base model, since a revision names a commit of one repository. Local folders ignore both."""
+    kwargs = {"cache_dir": getattr(args, "cache_dir", None)}
+    if revision and getattr(args, "revision", None):
+        kwargs["revision"] = args.revision
+    return kwargs
+
+
 def load_reward(args, device=None):
     """The reward of the config (`reward: videoscore | world`), built tiny first when `build_tiny` is set."""
     if args.reward == "world":
@@ -492,7 +503,7 @@ def load_reward(args, device=None):
         build_tiny_videoscore(args.reward_model)
     dtype = weight_dtype(args.mixed_precision) if args.mixed_precision != "no" else None
     return VideoScorer.from_pretrained(args.reward_model, num_frames=args.reward_num_frames, device=device,
-                                       dtype=dtype, batch_size=args.reward_batch_size)
+                                       dtype=dtype, batch_size=args.reward_batch_size, **hub(args, revision=False))
 
 
 # -----------------------------------------------------------------------------
@@ -676,7 +687,7 @@ def load_unet(args, student=None, dtype=None):
         if args.build_tiny:
             videocrafter2.build_tiny(base)
         elif not os.path.exists(os.path.join(base, "videocrafter2.json")):
-            videocrafter2.convert(args.checkpoint, base, tokenizer=videocrafter2.TOKENIZER)
+            videocrafter2.convert(args.checkpoint, base, tokenizer=videocrafter2.TOKENIZER, **hub(args))
         unet = videocrafter2.VideoCrafter2UNet.from_pretrained(base, subfolder="unet", torch_dtype=dtype)
     else:
         from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
@@ -684,8 +695,8 @@ def load_unet(args, student=None, dtype=None):
         if args.build_tiny:
             build_tiny_animatediff(args.pretrained_model_name_or_path, args.motion_adapter)
         unet2d = UNet2DConditionModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet",
-                                                      torch_dtype=dtype)
-        adapter = MotionAdapter.from_pretrained(args.motion_adapter, torch_dtype=dtype)
+                                                      torch_dtype=dtype, **hub(args))
+        adapter = MotionAdapter.from_pretrained(args.motion_adapter, torch_dtype=dtype, **hub(args, revision=False))
         unet = UNetMotionModel.from_unet2d(unet2d, adapter)
     if meta is not None:
         remove_blocks(unet, meta["removed_blocks"], f"{student}/student.json: removed_blocks")
@@ -761,7 +772,7 @@ def load_pipeline(args, unet, device=None, dtype=None):
     if args.backend == "videocrafter2":
         import videocrafter2
 
-        pipe = videocrafter2.load_pipeline(base, unet, dtype=dtype)
+        pipe = videocrafter2.load_pipeline(base, unet, dtype=dtype)  # a local folder: converted on first use
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(device=device, dtype=dtype)
     vae_class = AutoencoderKL
@@ -769,13 +780,13 @@ def load_pipeline(args, unet, device=None, dtype=None):
         from world import PixelVAE as vae_class
     text_encoder, tokenizer = load_text_encoder(args, dtype=dtype)
     pipe = AnimateDiffPipeline(
-        vae=vae_class.from_pretrained(base, subfolder="vae", torch_dtype=dtype),
+        vae=vae_class.from_pretrained(base, subfolder="vae", torch_dtype=dtype, **hub(args)),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
         motion_adapter=None,
-        scheduler=DDIMScheduler.from_pretrained(base, subfolder="scheduler", beta_schedule="linear",
-                                                clip_sample=False, timestep_spacing="linspace", steps_offset=1),
+        scheduler=DDIMScheduler.from_pretrained(base, subfolder="scheduler", beta_schedule="linear", clip_sample=False,
+                                                timestep_spacing="linspace", steps_offset=1, **hub(args)),
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device=device, dtype=dtype)
@@ -792,8 +803,8 @@ def load_text_encoder(args, dtype=None):
     from transformers import AutoTokenizer, CLIPTextModel
 
     base = args.pretrained_model_name_or_path
-    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", dtype=dtype)
-    return text_encoder.eval().requires_grad_(False), AutoTokenizer.from_pretrained(base, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", dtype=dtype, **hub(args))
+    return text_encoder.eval().requires_grad_(False), AutoTokenizer.from_pretrained(base, subfolder="tokenizer", **hub(args))
 
 
 def encode_prompts(text_encoder, tokenizer, prompts, device):
@@ -813,7 +824,7 @@ def noise_scheduler(args):
 
         return videocrafter2.training_scheduler()
     return DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler",
-                                         beta_schedule="linear", clip_sample=False)
+                                         beta_schedule="linear", clip_sample=False, **hub(args))
 
 
 def diffusion_target(scheduler, latents, noise, timesteps):

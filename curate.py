@@ -120,7 +120,7 @@ def select_prompts(args, targets, device):
     elif args.relevance_filter == "llm":
         if args.llm_model is None:
             raise common.ConfigError("curate.llm_model: required by relevance_filter llm (a hub id or local folder)")
-        keep = LLMRelevance(args.llm_model, device=device)(sized, targets)
+        keep = LLMRelevance(args.llm_model, device=device, cache_dir=args.cache_dir)(sized, targets)
     elif args.relevance_filter == "none":
         keep = [True] * len(sized)
     else:
@@ -148,13 +148,13 @@ class LLMRelevance:
     """Yes/no relevance from a causal LM: one forward per batch, no sampling, so the same prompts always
     give the same decisions. last_margins holds log p(yes) - log p(no) per prompt and aspect."""
 
-    def __init__(self, name_or_path, device=None, dtype=None, batch_size=8):
+    def __init__(self, name_or_path, device=None, dtype=None, batch_size=8, cache_dir=None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, padding_side="left")
+        self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, padding_side="left", cache_dir=cache_dir)
         self.tokenizer.pad_token = self.tokenizer.pad_token or self.tokenizer.eos_token  # many base LMs have none
         # bf16 matmuls are slow on most CPUs; on a GPU the checkpoint's own dtype is fine.
         dtype = dtype or ("auto" if self.device.type == "cuda" else torch.float32)
-        self.model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype).to(self.device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, cache_dir=cache_dir).to(self.device).eval()
         self.batch_size, self.chat = batch_size, self.tokenizer.chat_template is not None
         # Instruct models answer "Yes", base models " yes" after "Answer:": pool the variants' first tokens,
         # but only those that start the word; a lone space piece ("Ġ", "▁") would say nothing.

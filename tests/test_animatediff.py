@@ -153,3 +153,45 @@ def test_checkpointed_motion_modules_give_the_same_gradients(tiny_args):
     checkpointed = grads(unet)
     assert plain.keys() == checkpointed.keys() and len(plain) > 0
     assert all(torch.allclose(plain[n], checkpointed[n], atol=1e-6) for n in plain)
+
+
+def _as_hub_cache(cache, repo, folder, commit):
+    """`folder` laid out as the Hugging Face cache holds a downloaded repo at `commit` (refs/main too),
+    with the marker a download leaves for a file the repo lacks that the tokenizer looks for."""
+    import shutil
+
+    root = cache / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(folder, root / "snapshots" / commit)
+    (root / ".no_exist" / commit / "tokenizer").mkdir(parents=True)
+    (root / ".no_exist" / commit / "tokenizer" / "config.json").touch()
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / "main").write_text(commit)
+
+
+def test_hub_ids_load_offline_from_cache_dir_at_a_revision(tiny_args, tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    old, new = "1" * 40, "2" * 40
+    cache = tmp_path / "hub cache"
+    _as_hub_cache(cache, "vip-test/tiny-sd", tiny_dir / "sd", old)
+    _as_hub_cache(cache, "vip-test/tiny-sd", tiny_dir / "sd", new)  # refs/main -> new
+    _as_hub_cache(cache, "vip-test/tiny-adapter", tiny_dir / "motion_adapter", new)
+    from safetensors.torch import load_file, save_file
+
+    weights = cache / "models--vip-test--tiny-sd" / "snapshots" / old / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    state["conv_out.bias"] = state["conv_out.bias"] + 1  # the old revision differs in one tensor
+    save_file(state, weights)
+
+    local = common.load_unet(tiny_args)
+    tiny_args.pretrained_model_name_or_path, tiny_args.motion_adapter = "vip-test/tiny-sd", "vip-test/tiny-adapter"
+    tiny_args.cache_dir = str(cache)
+    at_main = common.load_unet(tiny_args)
+    assert torch.equal(at_main.conv_out.bias, local.conv_out.bias)
+    tiny_args.revision = old
+    at_old = common.load_unet(tiny_args)
+    assert torch.equal(at_old.conv_out.bias, local.conv_out.bias + 1)
+    text_encoder, tokenizer = common.load_text_encoder(tiny_args)  # the rest of the base model, same revision
+    assert tokenizer("a cat").input_ids[0] == tokenizer.bos_token_id
+    tiny_args.cache_dir = str(tmp_path / "empty")  # offline, nothing cached: fails, never downloads
+    with pytest.raises(OSError):
+        common.load_unet(tiny_args)
