@@ -737,14 +737,16 @@ def read_student_meta(student):
     return meta
 
 
-def save_student(unet, out_dir, args, weights="motion_modules", extra=None):
+def save_student(unet, out_dir, args, weights="motion_modules", extra=None, state=None):
     """Save a student: `student.safetensors` (the motion modules, or the whole UNet with
     weights="unet") and `student.json` naming the base model and the removed blocks. The JSON is
     written last, so a folder with it is complete."""
     from safetensors.torch import save_file
 
     os.makedirs(out_dir, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in _student_state(unet, weights).items()}
+    # `state`: the full state dict where `unet` holds only a shard of it (FSDP's get_state_dict)
+    kept = _student_state(unet, weights)
+    state = {k: v.detach().contiguous().cpu() for k, v in (state or kept).items() if k in kept}
     with atomic_path(os.path.join(out_dir, "student.safetensors")) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
     meta = {

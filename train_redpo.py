@@ -323,9 +323,10 @@ def main(args):
     bar.close()
 
     accelerator.wait_for_everyone()
+    state = accelerator.get_state_dict(student)  # on every rank: FSDP gathers the shards here
     if accelerator.is_main_process:
         common.save_student(accelerator.unwrap_model(student), os.path.join(args.output_dir, "student"), args,
-                            weights=args.trainable,
+                            weights=args.trainable, state=state,
                             extra={"parent": args.student, "steps": global_step, "loss_type": args.loss_type,
                                    "beta": args.beta, "w_sft": args.w_sft, "pairs": args.pairs})
         print(f"train: saved {args.output_dir}/student after {global_step} steps")

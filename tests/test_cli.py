@@ -18,9 +18,10 @@ import prune
 from conftest import ROOT, run_script
 
 PY = sys.executable
-# Two CPU processes: accelerate's --cpu flag alone starts one; this starts two with the gloo backend.
-LAUNCH2 = [PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no"]
+# Two CPU processes of the DDP config (configs/accelerate/multi_gpu.yaml): accelerate's --cpu flag
+# alone starts one; ACCELERATE_USE_CPU with the config starts two with the gloo backend.
+LAUNCH2 = [PY, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / "accelerate" / "multi_gpu.yaml"),
+           "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no"]
 CPU = {"ACCELERATE_USE_CPU": "1"}
 
 

@@ -3,9 +3,11 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 import common
 from common import ConfigError, parse_config
+from conftest import ROOT
 
 SECTIONS = {"model": common.MODEL_OPTIONS, "train": {"learning_rate": (1e-5, "lr"), "max_train_steps": (100, "steps"),
                                                     "gradient_checkpointing": (False, "gc"), "output_dir": (None, "out")}}
@@ -100,3 +102,18 @@ def test_bad_prompt_files(tmp_path, name, text, message):
         common.read_prompts(tmp_path / name)
     with pytest.raises(ConfigError, match="cannot read prompts"):
         common.read_prompts(tmp_path / "missing.txt")
+
+
+@pytest.mark.parametrize("name,kind", [("single_gpu", "NO"), ("multi_gpu", "MULTI_GPU"),
+                                       ("deepspeed_zero2", "DEEPSPEED"), ("fsdp", "FSDP")])
+def test_accelerate_configs_load_as_accelerate_reads_them(name, kind):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(ROOT / "configs" / "accelerate" / f"{name}.yaml"))  # unknown keys raise
+    assert str(config.distributed_type).rsplit(".", 1)[-1] == kind and config.mixed_precision == "bf16"
+    if kind == "DEEPSPEED":  # must equal the training config's, or DeepSpeed and the script disagree
+        train = yaml.safe_load((ROOT / "configs" / "animatediff.yaml").read_text())["train"]
+        assert config.deepspeed_config["zero_stage"] == 2
+        assert config.deepspeed_config["gradient_accumulation_steps"] == train["gradient_accumulation_steps"]
+    if kind == "FSDP":
+        assert config.fsdp_config["fsdp_use_orig_params"] is True  # part of the UNet is frozen
