@@ -11,7 +11,8 @@ parameters, FLOPs of one denoising step, and the latency of generating one video
 The held-out prompts (configs/prompts/eval.txt) are not curation prompts. Each process generates
 a shard of the (model, prompt) pairs; results are cached per model, so adding a student to the
 list only evaluates the new one. Writes to --output_dir: eval.json, eval.md (the table),
-videos/<model>/ (every evaluated video), config.yaml.
+report.html (the table, aspects.png with each aspect across the models, and the models' videos side
+by side for the same prompts and seeds), videos/<model>/ (every evaluated video), config.yaml.
 """
 
 import hashlib
@@ -83,6 +84,55 @@ def table(models, aspects, blocks="Motion params"):
     return "\n".join(rows) + "\n"
 
 
+def write_report(out, report, md, side_by_side=4):
+    """report.html in `out`, beside the files it shows: the table, aspects.png (each aspect across
+    the models, in the loop's order) and, for the first prompts, every model's video of the same
+    prompt and seed in one row."""
+    import html
+
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    models, aspects = report["models"], report["aspects"]
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    for a in aspects:
+        ax.plot(range(len(models)), [m["scores"][a] for m in models], marker="o", label=ASPECT_TITLES.get(a, a))
+    ax.set_xticks(range(len(models)), [m["label"] for m in models], rotation=20, ha="right")
+    ax.set_ylabel("score"), ax.grid(alpha=0.3), ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    with common.atomic_path(os.path.join(out, "aspects.png")) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+    lines = [line for line in md.splitlines() if line.startswith("|") and not line.startswith("|---")]
+    cells = [[html.escape(c.strip()) for c in line.strip("|").split("|")] for line in lines]
+    table = "<table><tr>" + "".join(f"<th>{c}</th>" for c in cells[0]) + "</tr>" + "".join(
+        "<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in cells[1:]) + "</table>"
+    header = "<tr><th>prompt, seed</th>" + "".join(f"<th>{html.escape(m['label'])}</th>" for m in models) + "</tr>"
+    rows = []
+    for q in range(min(side_by_side, len(models[0]["videos"]))):
+        videos = "".join(f'<td><video src="{html.escape(m["videos"][q])}" autoplay loop muted playsinline></video></td>'
+                         for m in models)
+        rows.append(f"<tr><td class=p>{html.escape(report['items'][q])}</td>{videos}</tr>")
+    intro = html.escape(md.split("\n\n")[1]) if "\n\n" in md else ""
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(md.splitlines()[0].lstrip('# '))}</title>
+<style>body{{font-family:sans-serif;margin:24px;color:#222}} table{{border-collapse:collapse;margin:12px 0}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} td.p{{text-align:left;max-width:220px}}
+video{{width:160px;image-rendering:pixelated;background:#000}} p{{max-width:900px}}</style></head><body>
+<h1>{html.escape(md.splitlines()[0].lstrip('# '))}</h1>
+<p>{intro}</p>
+{table}
+<h2>Each aspect across the stages</h2>
+<img src="aspects.png" alt="aspects across the stages" width="720">
+<h2>The same prompt and seed, model by model</h2>
+<table>{header}{''.join(rows)}</table>
+</body></html>
+"""
+    common.atomic_write_text(os.path.join(out, "report.html"), page)
+
+
 def main(args):
     if args.output_dir is None:
         raise common.ConfigError("--output_dir is required (eval.output_dir in the config)")
@@ -136,7 +186,8 @@ def main(args):
                 "videos": [r["video"] for r in mine],
             })
         report = {"aspects": list(args.aspects), "prompts": args.eval_prompts, "num_prompts": len(prompts),
-                  "device": str(accelerator.device), "models": models}
+                  "device": str(accelerator.device), "models": models,
+                  "items": [f"{r['prompt']} (seed {r['seed']})" for r in results if r["model"] == "teacher"]}
         reward_name = args.reward_model if args.reward == "videoscore" else f"{args.reward} (exact)"
         vc2 = args.backend == "videocrafter2"  # its candidates are blocks of every kind; the paper counts the UNet
         blocks = ("of the prunable blocks and of the whole UNet (the paper's count)" if vc2 else
@@ -148,8 +199,9 @@ def main(args):
               f"{args.num_inference_steps} steps with guidance, median of {args.latency_runs}, on {accelerator.device}.\n\n"
               + table(models, args.aspects, "Block params" if vc2 else "Motion params"))
         common.atomic_write_text(os.path.join(out, "eval.md"), md)
+        write_report(out, report, md)
         common.atomic_write_json(os.path.join(out, "eval.json"), report)  # last: marks the evaluation done
-        print(md)
+        print(md + f"\nreport: {os.path.join(out, 'report.html')}")
     accelerator.wait_for_everyone()
 
 

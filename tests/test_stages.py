@@ -170,9 +170,43 @@ def test_evaluate_writes_the_paper_table(fast_config, stage):
     table = (out / "eval.md").read_text()
     assert "| Model | Visual Quality | Temporal Consist. | Dynamic Degree | Text Align. | Average |" in table
     assert table.count("\n| ") == 4  # header + 3 models
+    check_report_in_a_browser(out / "report.html", expect_videos=3 * 2, tmp=stage / "browser")
 
     # Adding a student reuses the cached results of the others.
     cached = sorted(p.name for p in (out / "items").iterdir())
     evaluate.main(evaluate.parse_args(["--config", fast_config, "--output_dir", str(out), "--students", students[1]]))
     assert sorted(p.name for p in (out / "items").iterdir()) == cached
     assert len(json.loads((out / "eval.json").read_text())["models"]) == 2
+
+
+def check_report_in_a_browser(page, expect_videos, tmp):
+    """The page references only files that exist, and headless Chromium renders it to a screenshot
+    that is not blank. Without Chromium the test skips, except under .ci/run, where it must run."""
+    import re
+    import shutil
+    import subprocess
+
+    import numpy as np
+    from PIL import Image
+
+    text = page.read_text()
+    videos = re.findall(r'<video src="([^"]+)"', text)
+    images = re.findall(r'<img src="([^"]+)"', text)
+    assert len(videos) == expect_videos and images == ["aspects.png"]
+    assert all((page.parent / ref).is_file() for ref in videos + images)
+    assert "<td>teacher (M0)</td>" in text
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        if os.environ.get("VIP_REQUIRE_BROWSER"):
+            raise AssertionError("VIP_REQUIRE_BROWSER is set but no chromium is on PATH")
+        pytest.skip("no chromium on PATH (apt-get install chromium)")
+    tmp.mkdir(parents=True, exist_ok=True)
+    shot = tmp / "report.png"
+    # Flags: headless as root, and no background connections (this machine's network is closed).
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp / 'profile'}", "--window-size=1280,1400", "--hide-scrollbars",
+                    f"--screenshot={shot}", page.resolve().as_uri()], check=True, capture_output=True, timeout=120)
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
+    assert pixels.shape == (1400, 1280)
+    assert pixels.std() > 10 and (pixels < 100).mean() > 0.01  # text, lines and videos drawn on the white page
