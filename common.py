@@ -51,7 +51,9 @@ MODEL_OPTIONS = {
 }
 
 REWARD_OPTIONS = {
-    "reward": ("videoscore", "videoscore | world (world.py's exact reward, for the world's prompts)"),
+    "reward": ("videoscore", "videoscore | world (world.py's exact reward, for the world's prompts) | features "
+                             "(weight-free, features.py) | ensemble (the mean of ensemble_with and features)"),
+    "ensemble_with": ("videoscore", "the learned reward reward: ensemble averages features with: videoscore | world"),
     "reward_model": ("TIGER-Lab/VideoScore-v1.1", "VideoScore hub id or local folder"),
     "reward_num_frames": (None, "frames the reward sees (default: 48 for v1.1, 16 for v1)"),
     "reward_batch_size": (4, "videos per reward forward"),
@@ -492,13 +494,26 @@ def hub(args, revision=True):
 
 
 def load_reward(args, device=None):
-    """The reward of the config (`reward: videoscore | world`), built tiny first when `build_tiny` is set."""
+    """The reward of the config (`reward: videoscore | world | features | ensemble`), VideoScore
+    built tiny first when `build_tiny` is set."""
+    if args.reward in ("features", "ensemble"):
+        import features
+
+        if args.reward == "features" and set(args.aspects) - set(features.ASPECTS):
+            raise ConfigError(f"reward.aspects: reward features scores only {', '.join(features.ASPECTS)}; got "
+                              f"{', '.join(args.aspects)} (use reward: ensemble for text_alignment)")
+        if args.reward == "features":
+            return features.FeatureReward()
+        if args.ensemble_with not in ("videoscore", "world"):
+            raise ConfigError(f"reward.ensemble_with: expected videoscore or world; got {args.ensemble_with!r}")
+        learned = load_reward(argparse.Namespace(**{**vars(args), "reward": args.ensemble_with}), device)
+        return features.EnsembleReward(learned, args.ensemble_with)
     if args.reward == "world":
         from world import WorldReward
 
         return WorldReward()
     if args.reward != "videoscore":
-        raise ConfigError(f"reward.reward: expected videoscore or world; got {args.reward!r}")
+        raise ConfigError(f"reward.reward: expected videoscore, world, features or ensemble; got {args.reward!r}")
     if args.build_tiny and not os.path.exists(os.path.join(args.reward_model, "config.json")):
         build_tiny_videoscore(args.reward_model)
     dtype = weight_dtype(args.mixed_precision) if args.mixed_precision != "no" else None

@@ -105,10 +105,16 @@ def write_report(out, report, md, side_by_side=4):
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
-    lines = [line for line in md.splitlines() if line.startswith("|") and not line.startswith("|---")]
-    cells = [[html.escape(c.strip()) for c in line.strip("|").split("|")] for line in lines]
-    table = "<table><tr>" + "".join(f"<th>{c}</th>" for c in cells[0]) + "</tr>" + "".join(
-        "<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in cells[1:]) + "</table>"
+    tables = []  # each markdown table of eval.md, as HTML, with the sentence before it
+    for block in md.split("\n\n"):
+        lines = [line for line in block.splitlines() if line.startswith("|") and not line.startswith("|---")]
+        if lines:
+            cells = [[html.escape(c.strip()) for c in line.strip("|").split("|")] for line in lines]
+            tables.append("<table><tr>" + "".join(f"<th>{c}</th>" for c in cells[0]) + "</tr>" + "".join(
+                "<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in cells[1:]) + "</table>")
+        elif tables or block.startswith("Each"):
+            tables.append(f"<p>{html.escape(block)}</p>")
+    table = "\n".join(tables)
     header = "<tr><th>prompt, seed</th>" + "".join(f"<th>{html.escape(m['label'])}</th>" for m in models) + "</tr>"
     rows = []
     for q in range(min(side_by_side, len(models[0]["videos"]))):
@@ -133,6 +139,17 @@ video{{width:160px;image-rendering:pixelated;background:#000}} p{{max-width:900p
     common.atomic_write_text(os.path.join(out, "report.html"), page)
 
 
+def features_table(models):
+    """The weight-free features (features.py) of each model, and the learned reward's part of an ensemble."""
+    parts = [k for k in models[0]["scores"] if "/" in k]
+    if not parts:
+        return ""
+    head = ["Model"] + [f"{ASPECT_TITLES.get(k.split('/')[0], k)} ({k.split('/')[1]})" for k in parts]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows += ["| " + " | ".join([m["label"]] + [f"{m['scores'][k]:.3f}" for k in parts]) + " |" for m in models]
+    return "\nEach reward on its own (features: weight-free, features.py):\n\n" + "\n".join(rows) + "\n"
+
+
 def main(args):
     if args.output_dir is None:
         raise common.ConfigError("--output_dir is required (eval.output_dir in the config)")
@@ -148,6 +165,10 @@ def main(args):
     prompts = common.read_prompts(args.eval_prompts)[: args.num_eval_prompts]
     dtype = common.weight_dtype(args.mixed_precision)
     reward = common.load_reward(args, device=accelerator.device)
+    import features
+
+    # The weight-free features are reported beside any learned reward (the ensemble scores them itself).
+    second = features.FeatureReward() if args.reward in ("videoscore", "world") else None
     paths = [None] + list(args.students)
     unets = {model_key(p): common.load_unet(args, student=p, dtype=dtype).to(accelerator.device) for p in paths}
     pipe = common.load_pipeline(args, unets["teacher"], device=accelerator.device, dtype=dtype)
@@ -162,7 +183,11 @@ def main(args):
         for k in dict.fromkeys(c["model"] for c in chunk):
             group = [c for c in chunk if c["model"] == k]
             frames = common.generate(pipes[k], [c["prompt"] for c in group], [c["seed"] for c in group], args)
-            for c, f, s in zip(group, frames, reward.score(list(frames), [c["prompt"] for c in group])):
+            scores = reward.score(list(frames), [c["prompt"] for c in group])
+            if second is not None:
+                scores = [{**s, **{f"{a}/features": v for a, v in t.items()}} for s, t in
+                          zip(scores, second.score(list(frames), [c["prompt"] for c in group]))]
+            for c, f, s in zip(group, frames, scores):
                 video = os.path.join("videos", k, c["id"].split("__")[1] + ".mp4")
                 common.write_video(os.path.join(out, video), f, fps=args.fps)
                 results[c["id"]] = {"model": k, "prompt": c["prompt"], "seed": c["seed"], "video": video, "scores": s}
@@ -197,7 +222,8 @@ def main(args):
               f"FLOPs of one UNet call for one video "
               f"({args.num_frames} frames, {args.height}x{args.width}); latency: one video, "
               f"{args.num_inference_steps} steps with guidance, median of {args.latency_runs}, on {accelerator.device}.\n\n"
-              + table(models, args.aspects, "Block params" if vc2 else "Motion params"))
+              + table(models, args.aspects, "Block params" if vc2 else "Motion params")
+              + features_table(models))
         common.atomic_write_text(os.path.join(out, "eval.md"), md)
         write_report(out, report, md)
         common.atomic_write_json(os.path.join(out, "eval.json"), report)  # last: marks the evaluation done

@@ -169,7 +169,10 @@ def test_evaluate_writes_the_paper_table(fast_config, stage):
         assert all(common.read_video(out / v).shape == (4, 64, 64, 3) for v in m["videos"])
     table = (out / "eval.md").read_text()
     assert "| Model | Visual Quality | Temporal Consist. | Dynamic Degree | Text Align. | Average |" in table
-    assert table.count("\n| ") == 4  # header + 3 models
+    assert table.count("\n| ") == 8  # the reward's table and the weight-free features', each header + 3 models
+    assert "| Model | Visual Quality (features) | Temporal Consist. (features) | Dynamic Degree (features) |" in table
+    assert all(1 <= m["scores"][f"{a}/features"] <= 4 for m in report["models"]
+               for a in ("visual_quality", "temporal_consistency", "dynamic_degree"))
     check_report_in_a_browser(out / "report.html", expect_videos=3 * 2, tmp=stage / "browser")
 
     # Adding a student reuses the cached results of the others.
@@ -192,7 +195,7 @@ def check_report_in_a_browser(page, expect_videos, tmp):
     text = page.read_text()
     videos = re.findall(r'<video src="([^"]+)"', text)
     images = re.findall(r'<img src="([^"]+)"', text)
-    assert len(videos) == expect_videos and images == ["aspects.png"]
+    assert len(videos) == expect_videos and images == ["aspects.png"] and text.count("<table>") == 3
     assert all((page.parent / ref).is_file() for ref in videos + images)
     assert "<td>teacher (M0)</td>" in text
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
