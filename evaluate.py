@@ -87,7 +87,7 @@ def table(models, aspects, blocks="Motion params"):
 def write_report(out, report, md, side_by_side=4):
     """report.html in `out`, beside the files it shows: the table, aspects.png (each aspect across
     the models, in the loop's order) and, for the first prompts, every model's video of the same
-    prompt and seed in one row."""
+    prompt and (first) seed in one row."""
     import html
 
     import matplotlib
@@ -117,7 +117,9 @@ def write_report(out, report, md, side_by_side=4):
     table = "\n".join(tables)
     header = "<tr><th>prompt, seed</th>" + "".join(f"<th>{html.escape(m['label'])}</th>" for m in models) + "</tr>"
     rows = []
-    for q in range(min(side_by_side, len(models[0]["videos"]))):
+    prompts = [item.rsplit(" (seed", 1)[0] for item in report["items"]]
+    firsts = [q for q in range(len(prompts)) if q == 0 or prompts[q] != prompts[q - 1]]  # one video per prompt
+    for q in firsts[:side_by_side]:
         videos = "".join(f'<td><video src="{html.escape(m["videos"][q])}" autoplay loop muted playsinline></video></td>'
                          for m in models)
         rows.append(f"<tr><td class=p>{html.escape(report['items'][q])}</td>{videos}</tr>")
