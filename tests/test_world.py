@@ -9,6 +9,7 @@ import torch
 import yaml
 
 import common
+import features
 import world
 from conftest import ROOT, run_script
 
@@ -182,5 +183,5 @@ def test_a_short_loop_on_the_world(tmp_path):
     run_script("bash", "vip_loop.sh", "world", "1", env={"CONFIG": str(path), "RUN_DIR": str(tmp_path / "run")})
     report = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())
     assert [m["label"] for m in report["models"]] == ["teacher (M0)", "stage_1/prune", "stage_1/train"]
-    assert set(report["models"][0]["scores"]) == set(world.ASPECTS)
+    assert set(report["models"][0]["scores"]) == set(world.ASPECTS) | {f"{a}/features" for a in features.ASPECTS}
     assert all(1.0 <= v <= 4.0 for m in report["models"] for v in m["scores"].values())
