@@ -261,7 +261,7 @@ def _word_tokenizer():
                                    unk_token="<unk>", model_max_length=8, model_input_names=["input_ids", "attention_mask"])
 
 
-def build_world_models(base_dir, adapter_dir, seed=0, channels=(48, 96), prediction_type="sample", save=True):
+def build_world_models(base_dir, adapter_dir, seed=0, channels=(96, 64), prediction_type="sample", save=True):
     """An untrained teacher in the AnimateDiff layout, saved (unless `save` is false) as base_dir
     (unet, vae, text_encoder, tokenizer, scheduler, as SD1.5's folder) and adapter_dir (the motion
     modules)."""
@@ -335,13 +335,15 @@ def parse_args(argv=None):
     t.add_argument("--uncond_prob", type=float, default=0.1, help="empty prompt rate, for classifier-free guidance")
     t.add_argument("--checkpointing_steps", type=int, default=500,
                    help="save the teacher, and train_state.pt to resume from, every this many steps")
-    t.add_argument("--block_out_channels", type=int, nargs=2, default=[48, 96],
+    # 96 at the top: each latent pixel is a 4x4-pixel patch of 48 values. At 48 channels (the first
+    # teacher), even a clip handed over almost clean (t = 1) came back with edges twice as wide.
+    t.add_argument("--block_out_channels", type=int, nargs=2, default=[96, 64],
                    help="UNet widths at 4x4 and 2x2 latents; the first is what carries the 48 values of each 4x4-pixel patch")
     t.add_argument("--prediction_type", default="sample", choices=["sample", "v_prediction", "epsilon"])
     t.add_argument("--ema_decay", type=float, default=0.999,
                    help="the saved teacher is this exponential moving average of the trained weights")
-    t.add_argument("--snr_gamma", type=float, default=None,
-                   help="weight each clip's loss by its SNR clamped to [1, snr_gamma]; None: uniform")
+    t.add_argument("--snr_gamma", type=float, default=5.0,
+                   help="weight each clip's loss by its SNR clamped to [1, snr_gamma]; 0: uniform")
     t.add_argument("--seed", type=int, default=0)
     a = sub.add_parser("ablation", help="teacher, pruned, +SFT, +DPO, +ReDPO, offline ReDPO over seeds")
     a.add_argument("--config", default="configs/world.yaml")
@@ -436,7 +438,7 @@ def snr_weight(scheduler, t, gamma):
     are decided, drowned by the high-noise ones: the teacher blurred clips it was handed almost
     clean. Min-SNR's min(SNR, gamma) would fix that but give the zero-SNR first step, the only one
     that picks the direction, weight 0, hence the floor of 1."""
-    if gamma is None:
+    if not gamma:
         return torch.ones(len(t))
     alpha_bar = scheduler.alphas_cumprod[t]
     return (alpha_bar / (1 - alpha_bar)).clamp(1.0, gamma)
