@@ -350,6 +350,9 @@ def parse_args(argv=None):
     a.add_argument("--output_dir", default="runs/world-ablation")
     a.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     a.add_argument("--stages", type=int, default=2)
+    a.add_argument("--num_blocks", type=int, nargs="+", default=None,
+                   help="motion modules cut at each stage, one number a stage, or one for all "
+                        "(default: the config's prune.num_blocks)")
     return p.parse_args(argv)
 
 
@@ -454,15 +457,15 @@ def _run(script, config, out, *flags):
     return out
 
 
-def ablation_seed(config_path, root, stages):
+def ablation_seed(config_path, root, cuts):
     """One seed of the ablation, sharing what variants share: stage 1's pruning and pairs (all of
     them), and the pruning of a student two variants have in common (online and offline ReDPO at
-    stage 2). Returns the final student of each row."""
+    stage 2). cuts[k - 1] blocks are cut at stage k. Returns the final student of each row."""
     variants = {"+SFT": "sft", "+DPO only": "dpo", "+ReDPO": "redpo", "+ReDPO offline": "redpo"}
     current = dict.fromkeys(variants)  # None: the full model M0
     pruned_of = {}  # student it was pruned from -> prune folder
     stage1_pairs = os.path.join(root, "stage_1", "shared", "curate")
-    for k in range(1, stages + 1):
+    for k, cut in enumerate(cuts, start=1):
         stage = os.path.join(root, f"stage_{k}")
         trained_of = {}  # (pruned folder, pairs) -> trained student: identical runs train once
         for name, loss in variants.items():
@@ -470,7 +473,8 @@ def ablation_seed(config_path, root, stages):
             parent = current[name]
             if parent not in pruned_of:
                 pruned_of[parent] = os.path.join(stage, "shared" if k == 1 else tag, "prune")
-                _run("prune.py", config_path, pruned_of[parent], *(["--student", parent] if parent else []))
+                _run("prune.py", config_path, pruned_of[parent], "--num_blocks", str(cut),
+                     *(["--student", parent] if parent else []))
             pruned = pruned_of[parent]
             pairs = stage1_pairs if (k == 1 or name == "+ReDPO offline") else os.path.join(stage, tag, "curate")
             if not os.path.exists(os.path.join(pairs, "pairs.jsonl")):
@@ -498,6 +502,10 @@ def ablation(args):
 
     base = yaml.safe_load(open(args.config))
     aspects = base["reward"]["aspects"]
+    cuts = args.num_blocks or [base["prune"]["num_blocks"]]
+    if len(cuts) not in (1, args.stages):
+        raise SystemExit(f"world.py ablation: --num_blocks: expected one number or {args.stages} (one a stage); got {len(cuts)}")
+    cuts = cuts * args.stages if len(cuts) == 1 else cuts
     results, seconds = {}, 0.0
     for seed in args.seeds:
         root = os.path.join(args.output_dir, f"seed_{seed}")
@@ -510,7 +518,7 @@ def ablation(args):
             config_path = os.path.join(root, "config.yaml")
             os.makedirs(root, exist_ok=True)
             common.atomic_write_text(config_path, yaml.safe_dump(config, sort_keys=False))
-            finals = ablation_seed(config_path, root, args.stages)
+            finals = ablation_seed(config_path, root, cuts)
             finals["pruned"] = pruned_baseline(config, root, finals["+ReDPO"])
             students = [finals[r] for r in ROWS[1:]]
             report = os.path.join(root, "eval")
@@ -527,7 +535,7 @@ def ablation(args):
         runs = results[row]
         cells = [np.array([r[a] for r in runs]) for a in aspects] + [np.array([np.mean([r[a] for a in aspects]) for r in runs])]
         lines.append(f"| {row} | " + " | ".join(f"{c.mean():.3f} ± {c.std():.3f}" for c in cells) + " |")
-    table = (f"Held-out prompts; {args.stages} stages; seeds {args.seeds}; mean ± std over seeds; "
+    table = (f"Held-out prompts; {args.stages} stages cutting {'+'.join(map(str, cuts))} motion modules; seeds {args.seeds}; mean ± std over seeds; "
              f"{seconds / 60:.1f} CPU-process minutes in all\n\n" + "\n".join(lines) + "\n")
     common.atomic_write_text(os.path.join(args.output_dir, "ablation.md"), table)
     print(table)
