@@ -81,7 +81,7 @@ def test_curate_keeps_pairs_where_teacher_wins(fast_config, stage):
         assert latents["winner"].shape == latents["loser"].shape == (4, 4, 8, 8)
         assert not torch.equal(latents["winner"], latents["loser"])  # teacher and student differ
     # Scores in the manifest are the reward's scores of the MP4s' source frames.
-    assert all(c["reason"] in ("kept", "teacher_not_better", "loser_below_tau_p") for c in candidates)
+    assert all(c["reason"] in ("kept", "teacher_not_better", "margin_below_min_margin", "loser_below_tau_p") for c in candidates)
     kept_prompts = (out / "prompts.txt").read_text().splitlines()
     assert all(curate.keyword_relevant([p], targets)[0] for p in kept_prompts)
 
@@ -94,6 +94,10 @@ def test_keyword_filter_and_pair_rule():
     assert curate.pair_passes(w, l, ["a", "b"], 2.0, "mean") == (True, "kept")          # 2.5 > 2.35 > 2.0
     assert curate.pair_passes(w, l, ["a", "b"], 2.0, "each") == (False, "teacher_not_better")  # b: 2.0 < 2.2
     assert curate.pair_passes(w, l, ["a", "b"], 2.4, "mean") == (False, "loser_below_tau_p")
+    assert curate.pair_passes(w, l, ["a", "b"], 2.0, "mean", min_margin=0.1) == (True, "kept")   # 0.15 > 0.1
+    assert curate.pair_passes(w, l, ["a", "b"], 2.0, "mean", min_margin=0.2) == (False, "margin_below_min_margin")
+    assert curate.pair_passes(w, {"a": 2.5, "b": 1.9}, ["a", "b"], 1.5, "each", 0.05) == (True, "kept")
+    assert curate.pair_passes(w, {"a": 2.5, "b": 1.9}, ["a", "b"], 1.5, "each", 0.2) == (False, "margin_below_min_margin")
 
 
 def test_train_moves_the_student_and_keeps_the_pruned_layout(fast_config, stage):
