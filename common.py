@@ -789,7 +789,9 @@ def load_pipeline(args, unet, device=None, dtype=None):
     if args.backend == "videocrafter2":
         import videocrafter2
 
-        pipe = videocrafter2.load_pipeline(base, unet, dtype=dtype)  # a local folder: converted on first use
+        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=dtype)  # converted on first use
+        pipe = videocrafter2.VideoCrafter2Pipeline(vae, *load_text_encoder(args, dtype=dtype), unet,
+                                                   videocrafter2.scheduler_of())
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(device=device, dtype=dtype)
     vae_class = AutoencoderKL

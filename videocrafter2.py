@@ -433,9 +433,9 @@ class VideoCrafter2Pipeline(DiffusionPipeline):
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
 
     def _encode(self, prompts):
-        ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(self._execution_device)
-        return self.text_encoder(ids)[0].to(self.unet.dtype)
+        import common
+
+        return common.encode_prompts(self.text_encoder, self.tokenizer, prompts, self._execution_device).to(self.unet.dtype)
 
     @torch.no_grad()
     def __call__(self, prompt, num_frames=INFERENCE_DEFAULTS["num_frames"], height=INFERENCE_DEFAULTS["height"],
@@ -460,15 +460,6 @@ class VideoCrafter2Pipeline(DiffusionPipeline):
         flat = latents.permute(0, 2, 1, 3, 4).flatten(0, 1) / self.vae.config.scaling_factor
         video = torch.cat([self.vae.decode(z[None].to(self.vae.dtype)).sample for z in flat])
         return video.reshape(b, f, *video.shape[1:]).permute(0, 2, 1, 3, 4).float()
-
-
-def load_pipeline(base, unet, dtype=None):
-    from transformers import AutoTokenizer
-
-    vae = AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=dtype)
-    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(base, subfolder="tokenizer")
-    return VideoCrafter2Pipeline(vae, text_encoder.eval().requires_grad_(False), tokenizer, unet, scheduler_of())
 
 
 # -----------------------------------------------------------------------------
