@@ -453,6 +453,7 @@ ROWS = ["teacher (M0)", "pruned", "+SFT", "+DPO only", "+ReDPO", "+ReDPO offline
 def _run(script, config, out, *flags):
     import subprocess
 
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), script)  # from any working directory
     subprocess.run([sys.executable, script, "--config", config, "--output_dir", out, *flags], check=True)
     return out
 

@@ -185,3 +185,49 @@ def test_a_short_loop_on_the_world(tmp_path):
     assert [m["label"] for m in report["models"]] == ["teacher (M0)", "stage_1/prune", "stage_1/train"]
     assert set(report["models"][0]["scores"]) == set(world.ASPECTS) | {f"{a}/features" for a in features.ASPECTS}
     assert all(1.0 <= v <= 4.0 for m in report["models"] for v in m["scores"].values())
+
+
+def test_ablation_shares_what_variants_share_and_gathers_seeds(tmp_path, monkeypatch):
+    """The ablation's plumbing, with each script replaced by a record of its call: stage 1 prunes
+    and curates once for all variants, offline ReDPO trains on stage 1's pairs at stage 2 while
+    every online variant curates its own, --num_blocks reaches each stage's prune, and the table
+    is the mean and spread of the seeds' results."""
+    calls = []
+
+    def fake_run(script, config, out, *flags):
+        calls.append((script, out, flags))
+        os.makedirs(os.path.join(out, "student"), exist_ok=True)
+        if script == "curate.py":
+            open(os.path.join(out, "pairs.jsonl"), "w").close()
+        if script == "evaluate.py":  # one row a model: teacher, then the students in ROWS' order
+            rows = [{"scores": {a: 3.0 - 0.1 * k for a in common.ASPECTS[:4]}} for k in range(len(world.ROWS))]
+            common.atomic_write_json(os.path.join(out, "eval.json"), {"models": rows})
+        return out
+
+    monkeypatch.setattr(world, "_run", fake_run)
+    monkeypatch.setattr(world, "pruned_baseline", lambda config, root, final: os.path.join(root, "pruned_untrained"))
+    out = tmp_path / "ablation"
+    world.main(world.parse_args(["ablation", "--seeds", "0", "--num_blocks", "3", "2", "--output_dir", str(out)]))
+
+    prunes = [(o, f) for s, o, f in calls if s == "prune.py"]
+    assert [f[:2] for _, f in prunes] == [("--num_blocks", "3")] + [("--num_blocks", "2")] * 3  # shared, then sft/dpo/redpo
+    curates = [o for s, o, _ in calls if s == "curate.py"]
+    assert len(curates) == 4 and curates[0].endswith(os.path.join("stage_1", "shared", "curate"))
+    trains = {o: f[f.index("--pairs") + 1] for s, o, f in calls if s == "train_redpo.py"}
+    assert len(trains) == 7  # stage 1: sft, dpo, redpo (offline is the same run); stage 2: all four
+    stage1_pairs = os.path.join(curates[0], "pairs.jsonl")
+    assert trains[str(out / "seed_0" / "stage_2" / "redpo_offline" / "train")] == stage1_pairs
+    assert trains[str(out / "seed_0" / "stage_2" / "redpo" / "train")] == str(out / "seed_0" / "stage_2" / "redpo" / "curate" / "pairs.jsonl")
+
+    # a second seed's result, as a separate process would leave it; gathering reads both back
+    scores = {r: {a: 2.0 for a in common.ASPECTS[:4]} for r in world.ROWS}
+    common.atomic_write_json(str(out / "seed_1" / "result.json"), {"seconds": 60.0, "scores": scores})
+    n = len(calls)
+    world.main(world.parse_args(["ablation", "--seeds", "0", "1", "--num_blocks", "3", "2", "--output_dir", str(out)]))
+    assert len(calls) == n  # both seeds done: nothing runs again
+    table = (out / "ablation.md").read_text()
+    assert "cutting 3+2 motion modules" in table
+    assert "| teacher (M0) | 2.500 ± 0.500 |" in table and "| +ReDPO offline | 2.250 ± 0.250 |" in table
+
+    with pytest.raises(SystemExit, match="--num_blocks: expected one number or 2"):
+        world.main(world.parse_args(["ablation", "--num_blocks", "1", "2", "3", "--output_dir", str(out)]))
