@@ -60,14 +60,14 @@ def label(path):
     return "/".join(parts[-3:-1]) if len(parts) >= 3 else path  # e.g. stage_2/train
 
 
-def measure_latency(pipe, args, runs):
+def measure_latency(pipe, args, runs, prompt):
     """Median wall time of generating one video (all steps, guidance, decoding)."""
     sync = torch.cuda.synchronize if pipe.device.type == "cuda" else (lambda: None)
     times = []
     for i in range(runs + 1):
         sync()
         start = time.perf_counter()
-        common.generate(pipe, ["a red car drives along a coastal road"], [i], args)
+        common.generate(pipe, [prompt], [i], args)
         sync()
         times.append(time.perf_counter() - start)
     return sorted(times[1:])[len(times[1:]) // 2]
@@ -209,7 +209,7 @@ def main(args):
                 "average": sum(scores[a] for a in args.aspects) / len(args.aspects),
                 "motion_parameters": common.motion_parameters(unet), "unet_parameters": common.count_parameters(unet),
                 "flops_per_step": common.count_flops(unet, args.num_frames, args.height, args.width),
-                "latency_s": measure_latency(pipes[k], args, args.latency_runs),
+                "latency_s": measure_latency(pipes[k], args, args.latency_runs, prompts[0]),
                 "videos": [r["video"] for r in mine],
             })
         report = {"aspects": list(args.aspects), "prompts": args.eval_prompts, "num_prompts": len(prompts),

@@ -351,8 +351,8 @@ def parse_args(argv=None):
     a.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     a.add_argument("--stages", type=int, default=2)
     a.add_argument("--num_blocks", type=int, nargs="+", default=None,
-                   help="motion modules cut at each stage, one number a stage, or one for all "
-                        "(default: the config's prune.num_blocks)")
+                   help="motion modules cut at each stage, one number a stage, or one for all, instead of "
+                        "the config's prune.num_blocks / prune.prune_params")
     return p.parse_args(argv)
 
 
@@ -461,7 +461,7 @@ def _run(script, config, out, *flags):
 def ablation_seed(config_path, root, cuts):
     """One seed of the ablation, sharing what variants share: stage 1's pruning and pairs (all of
     them), and the pruning of a student two variants have in common (online and offline ReDPO at
-    stage 2). cuts[k - 1] blocks are cut at stage k. Returns the final student of each row."""
+    stage 2). cuts[k - 1] blocks are cut at stage k (None: as the config says). Returns the final student of each row."""
     variants = {"+SFT": "sft", "+DPO only": "dpo", "+ReDPO": "redpo", "+ReDPO offline": "redpo"}
     current = dict.fromkeys(variants)  # None: the full model M0
     pruned_of = {}  # student it was pruned from -> prune folder
@@ -474,7 +474,7 @@ def ablation_seed(config_path, root, cuts):
             parent = current[name]
             if parent not in pruned_of:
                 pruned_of[parent] = os.path.join(stage, "shared" if k == 1 else tag, "prune")
-                _run("prune.py", config_path, pruned_of[parent], "--num_blocks", str(cut),
+                _run("prune.py", config_path, pruned_of[parent], *(["--num_blocks", str(cut)] if cut else []),
                      *(["--student", parent] if parent else []))
             pruned = pruned_of[parent]
             pairs = stage1_pairs if (k == 1 or name == "+ReDPO offline") else os.path.join(stage, tag, "curate")
@@ -503,10 +503,17 @@ def ablation(args):
 
     base = yaml.safe_load(open(args.config))
     aspects = base["reward"]["aspects"]
-    cuts = args.num_blocks or [base["prune"]["num_blocks"]]
+    cuts = args.num_blocks or [None]
     if len(cuts) not in (1, args.stages):
         raise SystemExit(f"world.py ablation: --num_blocks: expected one number or {args.stages} (one a stage); got {len(cuts)}")
     cuts = cuts * args.stages if len(cuts) == 1 else cuts
+    if args.num_blocks:
+        base["prune"]["prune_params"] = None  # the flag decides, not a budget in the config
+        cut = f"cutting {'+'.join(map(str, cuts))} motion modules"
+    elif base["prune"].get("prune_params"):
+        cut = f"each cutting at least {base['prune']['prune_params']:,} motion-module parameters"
+    else:
+        cut = f"each cutting {base['prune'].get('num_blocks', 1)} motion modules"
     results, seconds = {}, 0.0
     for seed in args.seeds:
         root = os.path.join(args.output_dir, f"seed_{seed}")
@@ -536,7 +543,7 @@ def ablation(args):
         runs = results[row]
         cells = [np.array([r[a] for r in runs]) for a in aspects] + [np.array([np.mean([r[a] for a in aspects]) for r in runs])]
         lines.append(f"| {row} | " + " | ".join(f"{c.mean():.3f} ± {c.std():.3f}" for c in cells) + " |")
-    table = (f"Held-out prompts; {args.stages} stages cutting {'+'.join(map(str, cuts))} motion modules; seeds {args.seeds}; mean ± std over seeds; "
+    table = (f"Held-out prompts; {args.stages} stages {cut}; seeds {args.seeds}; mean ± std over seeds; "
              f"{seconds / 60:.1f} CPU-process minutes in all\n\n" + "\n".join(lines) + "\n")
     common.atomic_write_text(os.path.join(args.output_dir, "ablation.md"), table)
     print(table)

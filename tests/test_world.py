@@ -174,7 +174,7 @@ def test_a_short_loop_on_the_world(tmp_path):
     config = yaml.safe_load((ROOT / "configs/world.yaml").read_text())
     config["model"].update(num_inference_steps=4, pretrained_model_name_or_path=str(ROOT / "weights/world/sd"),
                            motion_adapter=str(ROOT / "weights/world/motion_adapter"))
-    config["prune"].update(num_prune_prompts=2, num_blocks=1)
+    config["prune"].update(num_prune_prompts=2, num_blocks=1, prune_params=None)
     config["curate"].update(max_prompts=16, seeds_per_prompt=1, tau_p=1.0)
     config["train"].update(max_train_steps=2, train_batch_size=2)
     config["eval"].update(num_eval_prompts=2, videos_per_prompt=1, latency_runs=1)
@@ -226,8 +226,14 @@ def test_ablation_shares_what_variants_share_and_gathers_seeds(tmp_path, monkeyp
     world.main(world.parse_args(["ablation", "--seeds", "0", "1", "--num_blocks", "3", "2", "--output_dir", str(out)]))
     assert len(calls) == n  # both seeds done: nothing runs again
     table = (out / "ablation.md").read_text()
-    assert "cutting 3+2 motion modules" in table
+    assert "2 stages cutting 3+2 motion modules" in table
+    assert yaml.safe_load((out / "seed_0" / "config.yaml").read_text())["prune"]["prune_params"] is None
     assert "| teacher (M0) | 2.500 ± 0.500 |" in table and "| +ReDPO offline | 2.250 ± 0.250 |" in table
+
+    calls.clear()  # without --num_blocks, the config's budget decides
+    world.main(world.parse_args(["ablation", "--seeds", "3", "--output_dir", str(out)]))
+    assert all("--num_blocks" not in f for s, _, f in calls if s == "prune.py")
+    assert "2 stages each cutting at least 250,000 motion-module parameters" in (out / "ablation.md").read_text()
 
     with pytest.raises(SystemExit, match="--num_blocks: expected one number or 2"):
         world.main(world.parse_args(["ablation", "--num_blocks", "1", "2", "3", "--output_dir", str(out)]))
