@@ -133,6 +133,7 @@ def parse_config(argv, description, sections):
 
     ns = argparse.Namespace(config=cli.config)
     ns._sections = {}
+    ns._cli = {key for options in sections.values() for key in options if getattr(cli, key) is not None}
     for section, options in sections.items():
         ns._sections[section] = {}
         for key, (default, _) in options.items():

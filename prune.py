@@ -59,6 +59,8 @@ def choose_blocks(candidates, num_blocks, prune_params):
 def main(args):
     if args.output_dir is None:
         raise common.ConfigError("--output_dir is required (prune.output_dir in the config)")
+    if "num_blocks" in getattr(args, "_cli", ()) and "prune_params" not in args._cli:
+        args.prune_params = None  # --num_blocks on the command line beats a budget in the config
     accelerator = Accelerator()
     scan_dir = os.path.join(args.output_dir, "scan")
     if not common.start_stage(args.output_dir, args, "ranking.json", ["scan", "student"], accelerator.is_main_process):

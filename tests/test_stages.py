@@ -60,6 +60,18 @@ def test_prune_by_parameter_budget_and_candidates(fast_config, tmp_path):
     removed = sum(c["params"] for c in r["candidates"] if c["name"] in r["chosen"])
     assert removed >= 100000 and removed - r["candidates"][len(r["chosen"]) - 1]["params"] < 100000
 
+    # a budget in the config gives way to --num_blocks on the command line, and the config beside
+    # the output says which one decided
+    config = yaml.safe_load(open(fast_config))
+    config["prune"]["prune_params"] = 10 ** 9
+    path = tmp_path / "budget.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "by count"
+    prune.main(prune.parse_args(["--config", str(path), "--output_dir", str(out), "--candidates", ",".join(ups),
+                                 "--num_blocks", "1"]))
+    assert len(json.loads((out / "ranking.json").read_text())["chosen"]) == 1
+    assert yaml.safe_load((out / "config.yaml").read_text())["prune"]["prune_params"] is None
+
 
 def test_curate_keeps_pairs_where_teacher_wins(fast_config, stage):
     out = stage / "curate"
