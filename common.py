@@ -793,8 +793,7 @@ def load_pipeline(args, unet, device=None, dtype=None):
         vae = AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=dtype)  # converted on first use
         pipe = videocrafter2.VideoCrafter2Pipeline(vae, *load_text_encoder(args, dtype=dtype), unet,
                                                    videocrafter2.scheduler_of())
-        pipe.set_progress_bar_config(disable=True)
-        return pipe.to(device=device, dtype=dtype)
+        return _placed(pipe, device, dtype)
     vae_class = AutoencoderKL
     if args.backend == "world":
         from world import PixelVAE as vae_class
@@ -808,8 +807,15 @@ def load_pipeline(args, unet, device=None, dtype=None):
         scheduler=DDIMScheduler.from_pretrained(base, subfolder="scheduler", beta_schedule="linear", clip_sample=False,
                                                 timestep_spacing="linspace", steps_offset=1, **hub(args)),
     )
+    return _placed(pipe, device, dtype)
+
+
+def _placed(pipe, device, dtype):
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device=device, dtype=dtype)
+    # diffusers warns on every cast to a dtype, even to the one a model already has: cast only when needed.
+    if dtype is not None and any(m.dtype != dtype for m in (pipe.unet, pipe.vae, pipe.text_encoder)):
+        pipe.to(dtype=dtype)
+    return pipe.to(device=device)
 
 
 def with_unet(pipe, unet):

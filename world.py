@@ -353,6 +353,8 @@ def parse_args(argv=None):
     a.add_argument("--num_blocks", type=int, nargs="+", default=None,
                    help="motion modules cut at each stage, one number a stage, or one for all, instead of "
                         "the config's prune.num_blocks / prune.prune_params")
+    a.add_argument("--jobs", type=int, default=1,
+                   help="seeds run at once, each in its own process with cores/jobs threads and its log in seed_<s>/log.txt")
     return p.parse_args(argv)
 
 
@@ -514,6 +516,8 @@ def ablation(args):
         cut = f"each cutting at least {base['prune']['prune_params']:,} motion-module parameters"
     else:
         cut = f"each cutting {base['prune'].get('num_blocks', 1)} motion modules"
+    if args.jobs > 1:
+        run_seeds_in_parallel(args)
     results, seconds = {}, 0.0
     for seed in args.seeds:
         root = os.path.join(args.output_dir, f"seed_{seed}")
@@ -547,6 +551,32 @@ def ablation(args):
              f"{seconds / 60:.1f} CPU-process minutes in all\n\n" + "\n".join(lines) + "\n")
     common.atomic_write_text(os.path.join(args.output_dir, "ablation.md"), table)
     print(table)
+
+
+def run_seeds_in_parallel(args):
+    """Each unfinished seed in a process of its own, --jobs at a time; the caller then gathers."""
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    pending = [s for s in args.seeds if not os.path.exists(os.path.join(args.output_dir, f"seed_{s}", "result.json"))]
+    # The cores are split between the processes: processes that each start a thread per core slow
+    # one another down several times over.
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // args.jobs)))
+    flags = ["--config", args.config, "--output_dir", args.output_dir, "--stages", str(args.stages)]
+    flags += ["--num_blocks", *map(str, args.num_blocks)] if args.num_blocks else []
+
+    def run(seed):
+        log = os.path.join(args.output_dir, f"seed_{seed}", "log.txt")
+        os.makedirs(os.path.dirname(log), exist_ok=True)
+        print(f"world.py ablation: seed {seed} running, log in {log}", flush=True)
+        with open(log, "a") as f:
+            cmd = [sys.executable, os.path.abspath(__file__), "ablation", "--seeds", str(seed), *flags]
+            return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        failed = [s for s, rc in zip(pending, pool.map(run, pending)) if rc != 0]
+    if failed:
+        raise SystemExit(f"world.py ablation: seed(s) {failed} failed; see {args.output_dir}/seed_<s>/log.txt")
 
 
 def pruned_baseline(config, root, final_student):

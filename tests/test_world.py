@@ -237,3 +237,34 @@ def test_ablation_shares_what_variants_share_and_gathers_seeds(tmp_path, monkeyp
 
     with pytest.raises(SystemExit, match="--num_blocks: expected one number or 2"):
         world.main(world.parse_args(["ablation", "--num_blocks", "1", "2", "3", "--output_dir", str(out)]))
+
+
+def test_ablation_jobs_runs_each_unfinished_seed_in_its_own_process(tmp_path, monkeypatch):
+    """--jobs: one process a seed not yet done, with its flags, its share of the cores and its own
+    log; a failed seed stops the gathering with a message naming it."""
+    import subprocess
+
+    out, launched = tmp_path / "ablation", []
+    scores = {r: {a: 3.0 for a in common.ASPECTS[:4]} for r in world.ROWS}
+    common.atomic_write_json(str(out / "seed_0" / "result.json"), {"seconds": 60.0, "scores": scores})
+
+    def fake_run(cmd, stdout, stderr, env):
+        seed = int(cmd[cmd.index("--seeds") + 1])
+        launched.append((seed, cmd, env["OMP_NUM_THREADS"], stdout.name))
+        if seed == 9:
+            return subprocess.CompletedProcess(cmd, 1)
+        common.atomic_write_json(str(out / f"seed_{seed}" / "result.json"), {"seconds": 60.0, "scores": scores})
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    argv = ["ablation", "--seeds", "0", "1", "2", "--num_blocks", "3", "2", "--jobs", "2", "--output_dir", str(out)]
+    world.main(world.parse_args(argv))
+    assert sorted(s for s, *_ in launched) == [1, 2]  # seed 0 was done
+    for seed, cmd, threads, log in launched:
+        assert cmd[cmd.index("--num_blocks"):cmd.index("--num_blocks") + 3] == ["--num_blocks", "3", "2"]
+        assert "--jobs" not in cmd and threads == "2" and log == str(out / f"seed_{seed}" / "log.txt")
+    assert "seeds [0, 1, 2]" in (out / "ablation.md").read_text()
+
+    with pytest.raises(SystemExit, match=r"seed\(s\) \[9\] failed"):
+        world.main(world.parse_args(["ablation", "--seeds", "9", "--jobs", "2", "--output_dir", str(out)]))
