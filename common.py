@@ -593,15 +593,18 @@ def _set_submodule(root, name, module):
 
 
 def is_vc2(unet):
-    return type(unet).__name__ == "VideoCrafter2UNet"
+    # By name, so that common.py works in a project that has no videocrafter2.py beside it.
+    return any(c.__name__ == "VideoCrafter2UNet" for c in type(unet).__mro__)
+
+
+# VideoCrafter2's temporal layers (its UNet3D's names), which `trainable: motion_modules` trains there.
+VC2_TEMPORAL = ("transformer_in.", ".temp_convs.", ".temp_attentions.")
 
 
 def is_temporal(key):
     """A parameter name of the layers `trainable: motion_modules` trains: AnimateDiff's motion
     modules, or VideoCrafter2's temporal convolutions and transformers."""
-    from videocrafter2 import TEMPORAL
-
-    return ".motion_modules." in key or any(t in key or key.startswith(t) for t in TEMPORAL)
+    return ".motion_modules." in key or any(t in key or key.startswith(t) for t in VC2_TEMPORAL)
 
 
 def frame_text(unet, text, num_frames):

@@ -465,7 +465,6 @@ class VideoCrafter2Pipeline(DiffusionPipeline):
 # -----------------------------------------------------------------------------
 # Pruning: VC2's candidate blocks, each residual, so an identity in its place is "the block is gone".
 
-TEMPORAL = ("transformer_in.", ".temp_convs.", ".temp_attentions.")  # what trainable: temporal trains
 
 
 def prunable_blocks(unet):

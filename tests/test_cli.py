@@ -65,6 +65,23 @@ def test_train_on_two_processes(fast_config, stage, tmp_path):
     assert json.loads((out / "student" / "student.json").read_text())["steps"] == 4
 
 
+def test_train_redpo_and_common_alone_train_in_another_project(fast_config, stage, tmp_path):
+    """Users copy train_redpo.py and common.py into their own projects: the two files alone train."""
+    project = tmp_path / "their project"
+    project.mkdir()
+    for name in ("train_redpo.py", "common.py"):
+        shutil.copy(ROOT / name, project / name)
+    out = tmp_path / "trained"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(train_cmd(fast_config, stage, out, "--max_train_steps", "2"), cwd=project, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    before = load_file(stage / "prune" / "student" / "student.safetensors")
+    after = load_file(out / "student" / "student.safetensors")
+    moved = [k for k in after if ".motion_modules." in k and not torch.equal(after[k], before[k])]
+    assert moved and all(".motion_modules." in k for k in after)
+
+
 def test_resume_after_kill_matches_an_uninterrupted_run(fast_config, stage, tmp_path):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     extra = ["--max_train_steps", "6", "--resume_from_checkpoint", "latest"]
