@@ -49,8 +49,9 @@ def all_prompts():
 
 
 def split_prompts():
-    """(train, held_out): one combination in six is never seen in training; every colour, shape,
-    direction and speed still is, so held-out prompts test composition. Train is shuffled."""
+    """(train, held_out): the 10 of 72 combinations whose attribute indices sum to a multiple of 6
+    are never seen in training; every colour, shape, direction and speed still is, so held-out
+    prompts test composition. Train is shuffled."""
     train, held = [], []
     for idx in itertools.product(range(len(COLOURS)), range(len(SHAPES)), range(len(DIRECTIONS)), range(len(SPEEDS))):
         words = (list(COLOURS)[idx[0]], SHAPES[idx[1]], list(DIRECTIONS)[idx[2]], list(SPEEDS)[idx[3]])
@@ -128,9 +129,8 @@ def frame_stats(frame):
     labels = _components(mask)
     ids, counts = np.unique(labels[labels > 0], return_counts=True)
     obj = labels == ids[counts.argmax()]
-    near = obj.copy()  # the object and a one-pixel rim, where anti-aliased edges live
-    for _ in range(1):
-        near[1:] |= near[:-1].copy(); near[:-1] |= near[1:].copy(); near[:, 1:] |= near[:, :-1].copy(); near[:, :-1] |= near[:, 1:].copy()  # noqa: E501, E702
+    # The object and a one-pixel rim (a 3x3 dilation), where anti-aliased edges live.
+    near = np.lib.stride_tricks.sliding_window_view(np.pad(obj, 1), (3, 3)).any((-1, -2))
     w = light * near
     mass = w.sum()
     seen = np.where(light > VISIBLE, light, 0.0)
@@ -284,9 +284,9 @@ def build_world_models(base_dir, adapter_dir, seed=0, channels=(96, 64), predict
                    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
                    sample_size=SIZE, scaling_factor=SCALE)
     # The clip itself ("sample"): black is 0 at every noise level, so the background costs nothing.
-    # Predicting the noise (or v, which is the noise at low noise) asks for a gain of 1 / sigma the
-    # UNet learns poorly: it left visible grain on the black. Epsilon also fails near pure noise,
-    # where the sampler multiplies its small errors by 1 / sqrt(alpha_bar) ~ 15.
+    # Predicting v (the noise, at low noise) asks for a gain of 1 / sigma the UNet learns poorly: it
+    # left visible grain on the black. Epsilon cannot work with the zero terminal SNR below: at the
+    # first step the clip is (x - sigma * eps) / sqrt(alpha_bar), a division by 0.
     # Zero terminal SNR: with SD's linear schedule, t = 999 still keeps 7% of the clip, and the model
     # learnt to read each clip's direction from that trace; sampling starts from pure noise, where the
     # trace is whatever the noise suggests, so clips moved where their seed pointed, not where the
@@ -301,19 +301,31 @@ def build_world_models(base_dir, adapter_dir, seed=0, channels=(96, 64), predict
     return UNetMotionModel.from_unet2d(unet2d, adapter), text_encoder, tokenizer
 
 
+def _teacher_folders(base_dir, adapter_dir):
+    return os.path.join(base_dir, "unet"), os.path.join(base_dir, "text_encoder"), adapter_dir
+
+
+def restore_teacher(base_dir, adapter_dir):
+    """Put back a folder that a kill between the two renames of `save_teacher` left as <folder>.old."""
+    for folder in _teacher_folders(base_dir, adapter_dir):
+        if not os.path.exists(folder) and os.path.exists(folder + ".old"):
+            os.replace(folder + ".old", folder)
+
+
 def save_teacher(unet, text_encoder, base_dir, adapter_dir):
     """Split the trained UNetMotionModel back into the SD UNet and the motion adapter. Each folder
-    is written beside its old self and swapped in, so a kill mid-save leaves a complete one."""
+    is written beside its old self and swapped in: a kill mid-save leaves the old one complete,
+    under its own name or as <folder>.old for `restore_teacher`."""
     import shutil
 
     from diffusers import UNet2DConditionModel
 
+    restore_teacher(base_dir, adapter_dir)
     unet2d = UNet2DConditionModel.from_pretrained(base_dir, subfolder="unet")
     state = {k: v for k, v in unet.state_dict().items() if ".motion_modules." not in k}
     unet2d.load_state_dict(state, strict=True)
-    for folder, save in ((os.path.join(base_dir, "unet"), unet2d.save_pretrained),
-                         (os.path.join(base_dir, "text_encoder"), text_encoder.save_pretrained),
-                         (adapter_dir, unet.save_motion_modules)):
+    saves = (unet2d.save_pretrained, text_encoder.save_pretrained, unet.save_motion_modules)
+    for folder, save in zip(_teacher_folders(base_dir, adapter_dir), saves):
         tmp, old = folder + ".tmp", folder + ".old"
         shutil.rmtree(tmp, ignore_errors=True)
         save(tmp)
@@ -339,7 +351,7 @@ def parse_args(argv=None):
     # teacher), even a clip handed over almost clean (t = 1) came back with edges twice as wide.
     t.add_argument("--block_out_channels", type=int, nargs=2, default=[96, 64],
                    help="UNet widths at 4x4 and 2x2 latents; the first is what carries the 48 values of each 4x4-pixel patch")
-    t.add_argument("--prediction_type", default="sample", choices=["sample", "v_prediction", "epsilon"])
+    t.add_argument("--prediction_type", default="sample", choices=["sample", "v_prediction"])
     t.add_argument("--ema_decay", type=float, default=0.999,
                    help="the saved teacher is this exponential moving average of the trained weights")
     t.add_argument("--snr_gamma", type=float, default=5.0,
@@ -375,6 +387,7 @@ def train_teacher(args):
 
     base, adapter = os.path.join(args.output_dir, "sd"), os.path.join(args.output_dir, "motion_adapter")
     state_path = os.path.join(args.output_dir, "train_state.pt")
+    restore_teacher(base, adapter)
     # A resumed run keeps the saved teacher folders: they hold the last checkpoint's weights.
     unet, text_encoder, tokenizer = build_world_models(base, adapter, seed=args.seed, channels=tuple(args.block_out_channels),
                                                        prediction_type=args.prediction_type, save=not os.path.exists(state_path))
@@ -424,16 +437,18 @@ def train_teacher(args):
         smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
         bar.set_postfix(loss=f"{smooth:.4f}")
         if (step + 1) % args.checkpointing_steps == 0 or step + 1 == args.max_train_steps:
-            tmp = state_path + ".tmp"
-            torch.save({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(), "step": step + 1,
-                        "ema": dict(zip(names, ema)), "optimizer": optimizer.state_dict(),
-                        "lr_scheduler": lr_scheduler.state_dict()}, tmp)
-            os.replace(tmp, state_path)
+            # The teacher first, the state last: a kill in between resumes from the previous state,
+            # which trains up to here again and saves the teacher again.
             with torch.no_grad():
                 trained = [p.detach().clone() for p in params]
                 torch._foreach_copy_(params, ema)
                 save_teacher(unet, text_encoder, base, adapter)
                 torch._foreach_copy_(params, trained)
+            tmp = state_path + ".tmp"
+            torch.save({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(), "step": step + 1,
+                        "ema": dict(zip(names, ema)), "optimizer": optimizer.state_dict(),
+                        "lr_scheduler": lr_scheduler.state_dict()}, tmp)
+            os.replace(tmp, state_path)
             print(f"step {step + 1}: loss {smooth:.4f}, {time.time() - start:.0f} s", flush=True)
 
 
@@ -522,13 +537,21 @@ def ablation(args):
     for seed in args.seeds:
         root = os.path.join(args.output_dir, f"seed_{seed}")
         done = os.path.join(root, "result.json")
+        config = {k: dict(v) for k, v in base.items()}
+        for section in ("prune", "curate", "train"):
+            config[section]["seed"] = seed
+        # Every step inside a seed skips what it finds done, so a seed's folder only ever serves
+        # the settings it was started with.
+        settings = {"stages": args.stages, "num_blocks": cuts, "config": config}
+        settings_path = os.path.join(root, "settings.json")
+        if os.path.exists(settings_path) and json.load(open(settings_path)) != json.loads(json.dumps(settings)):
+            raise SystemExit(f"world.py ablation: {settings_path}: made with other --stages, --num_blocks or "
+                             f"--config; use another --output_dir, or remove {root} to start the seed over")
         if not os.path.exists(done):
             start = time.time()
-            config = {k: dict(v) for k, v in base.items()}
-            for section in ("prune", "curate", "train"):
-                config[section]["seed"] = seed
             config_path = os.path.join(root, "config.yaml")
             os.makedirs(root, exist_ok=True)
+            common.atomic_write_json(settings_path, settings)
             common.atomic_write_text(config_path, yaml.safe_dump(config, sort_keys=False))
             finals = ablation_seed(config_path, root, cuts)
             finals["pruned"] = pruned_baseline(config, root, finals["+ReDPO"])
@@ -546,8 +569,10 @@ def ablation(args):
     for row in ROWS:
         runs = results[row]
         cells = [np.array([r[a] for r in runs]) for a in aspects] + [np.array([np.mean([r[a] for a in aspects]) for r in runs])]
-        lines.append(f"| {row} | " + " | ".join(f"{c.mean():.3f} ± {c.std():.3f}" for c in cells) + " |")
-    table = (f"Held-out prompts; {args.stages} stages {cut}; seeds {args.seeds}; mean ± std over seeds; "
+        # The sample standard deviation: three seeds are a sample of the seeds there could be.
+        lines.append(f"| {row} | " + " | ".join(f"{c.mean():.3f} ± {c.std(ddof=1) if len(c) > 1 else 0:.3f}"
+                                                 for c in cells) + " |")
+    table = (f"Held-out prompts; {args.stages} stages {cut}; seeds {args.seeds}; mean ± sample std over seeds; "
              f"{seconds / 60:.1f} CPU-process minutes in all\n\n" + "\n".join(lines) + "\n")
     common.atomic_write_text(os.path.join(args.output_dir, "ablation.md"), table)
     print(table)
