@@ -141,6 +141,10 @@ def test_read_video(tmp_path):
     imageio.mimwrite(path, list(frames), fps=8, codec="libx264", macro_block_size=2)
     got = read_video(path)
     assert got.dtype == np.uint8 and got.shape == frames.shape
+    small = clip(8, 5, height=16, width=16)  # the world's size, which decord misread
+    imageio.mimwrite(str(tmp_path / "small.mp4"), list(small), fps=4, codec="libx264", macro_block_size=2)
+    got = read_video(str(tmp_path / "small.mp4"))
+    assert got.shape == small.shape and np.abs(got.astype(int) - small).mean() < 20
 
     missing = str(tmp_path / "missing.mp4")
     with pytest.raises(ValueError, match="missing.mp4: cannot read video") as e:
