@@ -104,7 +104,7 @@ def test_each_corruption_lowers_its_aspect_and_not_the_others():
         mean = {a: float(np.mean(v)) for a, v in by_aspect.items()}
         others = max(v for a, v in mean.items() if a != target)
         # Measured: each corruption costs its aspect 0.95-3.0 on average. Blur and noise also unsettle
-        # temporal consistency (0.33, 0.54) and blur text alignment (0.32): the object's measured
+        # temporal consistency (0.33, 0.54) and text alignment (0.32, 0.23): the object's measured
         # size and colour waver; every other cross-drop is under 0.1.
         assert mean[target] >= 0.9, (target, i, mean)
         assert others <= 0.6 and mean[target] >= 3 * max(others, 0.01), (target, i, mean)
