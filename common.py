@@ -717,7 +717,9 @@ def load_unet(args, student=None, dtype=None):
         unet2d = UNet2DConditionModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet",
                                                       torch_dtype=dtype, **hub(args))
         adapter = MotionAdapter.from_pretrained(args.motion_adapter, torch_dtype=dtype, **hub(args, revision=False))
-        unet = UNetMotionModel.from_unet2d(unet2d, adapter)
+        # from_unet2d casts the model to the dtype it already has, and diffusers warns on every cast.
+        with _quiet("diffusers.models.modeling_utils"):
+            unet = UNetMotionModel.from_unet2d(unet2d, adapter)
     if meta is not None:
         remove_blocks(unet, meta["removed_blocks"], f"{student}/student.json: removed_blocks")
         from safetensors.torch import load_file
@@ -733,6 +735,19 @@ def load_unet(args, student=None, dtype=None):
             raise ConfigError(f"{student}/student.safetensors: does not match student.json "
                               f"({len(unexpected)} unexpected, {len(expected & set(missing))} missing tensors)")
     return unet
+
+
+@contextlib.contextmanager
+def _quiet(logger_name):
+    import logging
+
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _student_state(unet, weights):
