@@ -339,14 +339,14 @@ def read_video(path):
         raise ConfigError(f"{path}: cannot read video (no such file): expected an MP4 file")
     # imageio's ffmpeg reads any frame size; decord misreads frames narrower than 32 pixels.
     try:
-        with imageio.get_reader(path, format="FFMPEG") as reader:
-            frames = np.stack([np.asarray(f)[..., :3] for f in reader]) if reader.count_frames() else np.empty(0)
+        with imageio.get_reader(path, format="FFMPEG") as reader:  # RGB, whatever the file's pixel format
+            frames = [np.asarray(f) for f in reader]
     except Exception as e:  # ffmpeg's errors come with multi-line logs
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise ConfigError(f"{path}: cannot read video ({reason}): expected an MP4 file") from None
-    if len(frames) == 0:
+    if not frames:
         raise ConfigError(f"{path}: cannot read video (no frames): expected an MP4 file")
-    return frames
+    return np.stack(frames)
 
 
 def sample_frames(frames, num_frames):

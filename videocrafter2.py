@@ -466,7 +466,6 @@ class VideoCrafter2Pipeline(DiffusionPipeline):
 # Pruning: VC2's candidate blocks, each residual, so an identity in its place is "the block is gone".
 
 
-
 def prunable_blocks(unet):
     """Every candidate block's path, in forward order: the first temporal transformer; per level
     each ResBlock whose input and output shapes agree, its temporal convolution, its spatial and

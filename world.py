@@ -367,6 +367,7 @@ def parse_args(argv=None):
     a.add_argument("--num_blocks", type=int, nargs="+", default=None,
                    help="motion modules cut at each stage, one number a stage, or one for all, instead of "
                         "the config's prune.num_blocks / prune.prune_params")
+    a.add_argument("--seed_only", action="store_true", help=argparse.SUPPRESS)  # a --jobs process: no table
     a.add_argument("--jobs", type=int, default=1,
                    help="seeds run at once, each in its own process with cores/jobs threads and its log in seed_<s>/log.txt")
     return p.parse_args(argv)
@@ -533,27 +534,31 @@ def ablation(args):
         cut = f"each cutting at least {base['prune']['prune_params']:,} motion-module parameters"
     else:
         cut = f"each cutting {base['prune'].get('num_blocks', 1)} motion modules"
-    if args.jobs > 1:
-        run_seeds_in_parallel(args)
-    results, seconds = {}, 0.0
-    for seed in args.seeds:
-        root = os.path.join(args.output_dir, f"seed_{seed}")
-        done = os.path.join(root, "result.json")
+    seeds = list(dict.fromkeys(args.seeds))  # a seed named twice would run twice in one folder
+    settings = {}
+    for seed in seeds:  # every folder checked before anything runs
         config = {k: dict(v) for k, v in base.items()}
         for section in ("prune", "curate", "train"):
             config[section]["seed"] = seed
         # Every step inside a seed skips what it finds done, so a seed's folder only ever serves
         # the settings it was started with.
-        settings = {"stages": args.stages, "num_blocks": cuts, "config": config}
-        settings_path = os.path.join(root, "settings.json")
-        if os.path.exists(settings_path) and json.load(open(settings_path)) != json.loads(json.dumps(settings)):
-            raise SystemExit(f"world.py ablation: {settings_path}: made with other --stages, --num_blocks or "
-                             f"--config; use another --output_dir, or remove {root} to start the seed over")
+        settings[seed] = json.loads(json.dumps({"stages": args.stages, "num_blocks": cuts, "config": config}))
+        path = os.path.join(args.output_dir, f"seed_{seed}", "settings.json")
+        if os.path.exists(path) and json.load(open(path)) != settings[seed]:
+            raise SystemExit(f"world.py ablation: {path}: made with other --stages, --num_blocks or "
+                             f"--config; use another --output_dir, or remove {os.path.dirname(path)} to start the seed over")
+    if args.jobs > 1:
+        run_seeds_in_parallel(args, seeds)
+    results, seconds = {}, 0.0
+    for seed in seeds:
+        root = os.path.join(args.output_dir, f"seed_{seed}")
+        done = os.path.join(root, "result.json")
+        config = settings[seed]["config"]
         if not os.path.exists(done):
             start = time.time()
             config_path = os.path.join(root, "config.yaml")
             os.makedirs(root, exist_ok=True)
-            common.atomic_write_json(settings_path, settings)
+            common.atomic_write_json(os.path.join(root, "settings.json"), settings[seed])
             common.atomic_write_text(config_path, yaml.safe_dump(config, sort_keys=False))
             finals = ablation_seed(config_path, root, cuts)
             finals["pruned"] = pruned_baseline(config, root, finals["+ReDPO"])
@@ -574,22 +579,24 @@ def ablation(args):
         # The sample standard deviation: three seeds are a sample of the seeds there could be.
         lines.append(f"| {row} | " + " | ".join(f"{c.mean():.3f} ± {c.std(ddof=1) if len(c) > 1 else 0:.3f}"
                                                  for c in cells) + " |")
-    table = (f"Held-out prompts; {args.stages} stages {cut}; seeds {args.seeds}; mean ± sample std over seeds; "
+    table = (f"Held-out prompts; {args.stages} stages {cut}; seeds {seeds}; mean ± sample std over seeds; "
              f"{seconds / 60:.1f} CPU-process minutes in all\n\n" + "\n".join(lines) + "\n")
-    common.atomic_write_text(os.path.join(args.output_dir, "ablation.md"), table)
+    if not args.seed_only:
+        common.atomic_write_text(os.path.join(args.output_dir, "ablation.md"), table)
     print(table)
 
 
-def run_seeds_in_parallel(args):
+def run_seeds_in_parallel(args, seeds):
     """Each unfinished seed in a process of its own, --jobs at a time; the caller then gathers."""
     import subprocess
     from concurrent.futures import ThreadPoolExecutor
 
-    pending = [s for s in args.seeds if not os.path.exists(os.path.join(args.output_dir, f"seed_{s}", "result.json"))]
+    pending = [s for s in seeds if not os.path.exists(os.path.join(args.output_dir, f"seed_{s}", "result.json"))]
     # The cores are split between the processes: processes that each start a thread per core slow
     # one another down several times over.
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // args.jobs)))
-    flags = ["--config", args.config, "--output_dir", args.output_dir, "--stages", str(args.stages)]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, cores // args.jobs)))
+    flags = ["--config", args.config, "--output_dir", args.output_dir, "--stages", str(args.stages), "--seed_only"]
     flags += ["--num_blocks", *map(str, args.num_blocks)] if args.num_blocks else []
 
     def run(seed):
@@ -600,8 +607,13 @@ def run_seeds_in_parallel(args):
             cmd = [sys.executable, os.path.abspath(__file__), "ablation", "--seeds", str(seed), *flags]
             return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
 
-    with ThreadPoolExecutor(args.jobs) as pool:
+    pool = ThreadPoolExecutor(args.jobs)
+    try:
         failed = [s for s, rc in zip(pending, pool.map(run, pending)) if rc != 0]
+    except BaseException:  # Ctrl-C: start no further seed
+        pool.shutdown(cancel_futures=True)
+        raise
+    pool.shutdown()
     if failed:
         raise SystemExit(f"world.py ablation: seed(s) {failed} failed; see {args.output_dir}/seed_<s>/log.txt")
 

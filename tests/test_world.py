@@ -291,13 +291,14 @@ def test_ablation_jobs_runs_each_unfinished_seed_in_its_own_process(tmp_path, mo
         return subprocess.CompletedProcess(cmd, 0)
 
     monkeypatch.setattr(subprocess, "run", fake_run)
-    monkeypatch.setattr(os, "cpu_count", lambda: 4)
-    argv = ["ablation", "--seeds", "0", "1", "2", "--num_blocks", "3", "2", "--jobs", "2", "--output_dir", str(out)]
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    argv = ["ablation", "--seeds", "0", "1", "2", "2", "--num_blocks", "3", "2", "--jobs", "2", "--output_dir", str(out)]
     world.main(world.parse_args(argv))
-    assert sorted(s for s, *_ in launched) == [1, 2]  # seed 0 was done
+    assert sorted(s for s, *_ in launched) == [1, 2]  # seed 0 was done; seed 2 named twice runs once
     for seed, cmd, threads, log in launched:
         assert cmd[cmd.index("--num_blocks"):cmd.index("--num_blocks") + 3] == ["--num_blocks", "3", "2"]
-        assert "--jobs" not in cmd and threads == "2" and log == str(out / f"seed_{seed}" / "log.txt")
+        assert "--jobs" not in cmd and "--seed_only" in cmd  # the processes leave the table to the gathering
+        assert threads == "2" and log == str(out / f"seed_{seed}" / "log.txt")
     assert "seeds [0, 1, 2]" in (out / "ablation.md").read_text()
 
     with pytest.raises(SystemExit, match=r"seed\(s\) \[9\] failed"):
