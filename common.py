@@ -717,8 +717,7 @@ def load_unet(args, student=None, dtype=None):
         unet2d = UNet2DConditionModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet",
                                                       torch_dtype=dtype, **hub(args))
         adapter = MotionAdapter.from_pretrained(args.motion_adapter, torch_dtype=dtype, **hub(args, revision=False))
-        # from_unet2d casts the model to the dtype it already has, and diffusers warns on every cast.
-        with _quiet("diffusers.models.modeling_utils"):
+        with _quiet("diffusers.models.modeling_utils"):  # from_unet2d's no-op cast warns too
             unet = UNetMotionModel.from_unet2d(unet2d, adapter)
     if meta is not None:
         remove_blocks(unet, meta["removed_blocks"], f"{student}/student.json: removed_blocks")
@@ -831,10 +830,8 @@ def load_pipeline(args, unet, device=None, dtype=None):
 
 def _placed(pipe, device, dtype):
     pipe.set_progress_bar_config(disable=True)
-    # diffusers warns on every cast to a dtype, even to the one a model already has: cast only when needed.
-    if dtype is not None and any(m.dtype != dtype for m in (pipe.unet, pipe.vae, pipe.text_encoder)):
-        pipe.to(dtype=dtype)
-    return pipe.to(device=device)
+    with _quiet("diffusers.models.modeling_utils"):  # diffusers warns on every cast, even a no-op one
+        return pipe.to(device=device, dtype=dtype)
 
 
 def with_unet(pipe, unet):
