@@ -322,7 +322,6 @@ def save_teacher(unet, text_encoder, base_dir, adapter_dir):
 
     from diffusers import UNet2DConditionModel
 
-    restore_teacher(base_dir, adapter_dir)
     unet2d = UNet2DConditionModel.from_pretrained(base_dir, subfolder="unet")
     state = {k: v for k, v in unet.state_dict().items() if ".motion_modules." not in k}
     unet2d.load_state_dict(state, strict=True)
