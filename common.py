@@ -29,9 +29,11 @@ class ConfigError(ValueError):
 
 SECTIONS = ("model", "reward", "prune", "curate", "train", "eval")
 
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
 MODEL_OPTIONS = {
     "backend": ("animatediff", "model family: animatediff | world (AnimateDiff's classes over world.py's pixel VAE) "
-                               "| videocrafter2 (videocrafter2.py)"),
+                               "| videocrafter2 (videocrafter2.py)", {"choices": ("animatediff", "world", "videocrafter2")}),
     "pretrained_model_name_or_path": ("stable-diffusion-v1-5/stable-diffusion-v1-5",
                                       "SD1.5 base: hub id or local folder (unet, vae, text_encoder, tokenizer, scheduler)"),
     "motion_adapter": ("guoyww/animatediff-motion-adapter-v1-5-2", "motion adapter: hub id or local folder"),
@@ -39,71 +41,128 @@ MODEL_OPTIONS = {
                                                  "converted once into pretrained_model_name_or_path"),
     "cache_dir": (None, "where hub downloads go (default: the Hugging Face cache, HF_HOME)"),
     "revision": (None, "hub revision (branch, tag or commit) of pretrained_model_name_or_path (and of checkpoint)"),
-    "build_tiny": (False, "build random tiny models at the two paths above when missing (tests, CPU demo)"),
-    "num_frames": (16, "frames per generated video"),
-    "height": (512, "video height in pixels"),
-    "width": (512, "video width in pixels"),
-    "num_inference_steps": (25, "DDIM steps per video"),
-    "guidance_scale": (7.5, "classifier-free guidance scale"),
-    "fps": (8, "frame rate of the MP4s written"),
-    "generation_batch_size": (4, "videos generated per pipeline call"),
-    "mixed_precision": ("no", "no | fp16 | bf16: weights of frozen models and generation; autocast in training"),
+    "build_tiny": (False, "build random tiny models at the two paths above when missing (tests, CPU demo); "
+                          "the paths must be local (./x, /x or a/b/c), never a hub id"),
+    "num_frames": (16, "frames per generated video", {"min": 1}),
+    "height": (512, "video height in pixels", {"min": 1}),
+    "width": (512, "video width in pixels", {"min": 1}),
+    "num_inference_steps": (25, "DDIM steps per video", {"min": 1}),
+    "guidance_scale": (7.5, "classifier-free guidance scale", {"min": 0}),
+    "fps": (8, "frame rate of the MP4s written", {"min": 1}),
+    "generation_batch_size": (4, "videos generated per pipeline call", {"min": 1}),
+    "mixed_precision": ("no", "no | fp16 | bf16: weights of frozen models and generation; autocast in training",
+                        {"choices": MIXED_PRECISION}),
 }
 
 REWARD_OPTIONS = {
     "reward": ("videoscore", "videoscore | world (world.py's exact reward, for the world's prompts) | features "
-                             "(weight-free, features.py) | ensemble (the mean of ensemble_with and features)"),
-    "ensemble_with": ("videoscore", "the learned reward reward: ensemble averages features with: videoscore | world"),
+                             "(weight-free, features.py) | ensemble (the mean of ensemble_with and features)",
+               {"choices": ("videoscore", "world", "features", "ensemble")}),
+    "ensemble_with": ("videoscore", "the learned reward reward: ensemble averages features with: videoscore | world",
+                      {"choices": ("videoscore", "world")}),
     "reward_model": ("TIGER-Lab/VideoScore-v1.1", "VideoScore hub id or local folder"),
-    "reward_num_frames": (None, "frames the reward sees (default: 48 for v1.1, 16 for v1)"),
-    "reward_batch_size": (4, "videos per reward forward"),
+    "reward_num_frames": (None, "frames the reward sees (default: 48 for v1.1, 16 for v1)", {"type": int, "min": 1}),
+    "reward_batch_size": (4, "videos per reward forward", {"min": 1}),
     "aspects": (["visual_quality", "temporal_consistency", "dynamic_degree", "text_alignment"],
-                "aspects that count: block ranking, pair selection, the table's average (the paper's four)"),
+                "aspects that count: block ranking, pair selection, the table's average (the paper's four)",
+                {"choices": ("visual_quality", "temporal_consistency", "dynamic_degree", "text_alignment",
+                             "factual_consistency")}),
 }
 
 
-def _coerce(value, default, where):
-    """Cast a YAML or CLI value to the type of its default, so a typo fails here, not mid-run."""
-    if value is None or default is None:
-        return value
-    if isinstance(default, bool):
+def _rule(option):
+    """(default, help[, rule]) -> (default, rule): the rule's type defaults to the default's, and to
+    str (a path, an id, a name) when the default is None."""
+    default, rule = option[0], dict(option[2]) if len(option) > 2 else {}
+    rule.setdefault("type", str if default is None else list if isinstance(default, (list, tuple)) else type(default))
+    return default, rule
+
+
+def _coerce(value, option, where, from_cli=False):
+    """Cast a YAML or CLI value to its option's type and check its range and choices, so a typo fails
+    here, not mid-run. CLI values are strings (lists: the strings given); YAML is parsed only where
+    the type needs it (numbers, booleans, lists): a path is a string, whatever characters it holds."""
+    default, rule = _rule(option)
+    kind = rule["type"]
+    if value is None or (from_cli and default is None and kind in (int, float) and value.lower() in ("none", "null")):
+        return None
+    if kind is bool:
         if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
             return value.lower() in ("true", "1", "yes")
         if isinstance(value, bool):
             return value
         raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string (a path, name or id; quote it in YAML), got {value!r}")
+        if "choices" in rule and value not in rule["choices"]:
+            raise ConfigError(f"{where}: expected one of {', '.join(rule['choices'])}; got {value!r}")
+        return value
+    if kind is list:
+        value = _as_list(value, where, from_cli)
+        bad = [v for v in value if not isinstance(v, str) or ("choices" in rule and v not in rule["choices"])]
+        if bad:
+            expected = f"a list of {', '.join(rule['choices'])}" if "choices" in rule else "a list of strings"
+            raise ConfigError(f"{where}: expected {expected}; got {bad[0]!r} in {value!r}")
+        return value
     try:
-        if isinstance(default, int):
+        if isinstance(value, bool) or isinstance(value, (list, dict)):
+            raise ValueError
+        if kind is int:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
-            return int(value)
-        if isinstance(default, float):
-            return float(value)
-        if isinstance(default, (list, tuple)):
-            if isinstance(value, str):  # CLI: a YAML list, or comma-separated values
-                parsed = yaml.safe_load(value)
-                value = parsed if isinstance(parsed, list) else [v for v in value.split(",") if v]
-            if not isinstance(value, list):
+            number = int(value) if not isinstance(value, str) else int(value.strip())
+        else:
+            number = float(value)
+            if number != number:  # NaN passes every comparison below
                 raise ValueError
-            return value
     except (TypeError, ValueError):
-        raise ConfigError(f"{where}: expected {type(default).__name__}, got {value!r}") from None
+        raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}") from None
+    for bound, ok, words in (("min", lambda x, b: x >= b, "at least"), ("max", lambda x, b: x <= b, "at most"),
+                             ("gt", lambda x, b: x > b, "above"), ("lt", lambda x, b: x < b, "below")):
+        if bound in rule and not ok(number, rule[bound]):
+            raise ConfigError(f"{where}: expected a number {words} {rule[bound]}; got {value!r}")
+    return number
+
+
+def _as_list(value, where, from_cli):
+    if from_cli:  # the strings of `--key a b c`
+        if len(value) > 1:
+            return list(value)
+        value = value[0]
+        if value.startswith("["):  # a YAML flow list, e.g. --aspects '[visual_quality, dynamic_degree]'
+            try:
+                parsed = yaml.safe_load(value)
+            except yaml.YAMLError:
+                parsed = None
+            if not isinstance(parsed, list):
+                raise ConfigError(f"{where}: not a valid YAML list: {value!r}; give the values separated by spaces")
+            return parsed
+    if isinstance(value, str):
+        # One path that exists is one value, commas and all; otherwise comma-separated values.
+        return [value] if os.path.exists(value) else [v for v in value.split(",") if v]
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: expected a list, got {value!r}")
     return value
 
 
 def parse_config(argv, description, sections):
-    """Build the argparse flags of `sections` ({section: {key: (default, help)}}), read `--config`
-    and apply CLI overrides. Returns a flat Namespace; `ns._sections` keeps the YAML shape.
+    """Build the argparse flags of `sections` ({section: {key: (default, help[, rule])}}), read
+    `--config` and apply CLI overrides. Returns a flat Namespace; `ns._sections` keeps the YAML shape.
 
     Precedence: CLI flag > YAML value > default. Unknown YAML sections or keys are an error that
     lists the valid ones. Keys are unique across sections so flags can stay flat, as in diffusers.
+    A rule may give "type" (for a None default; else the default's type), "choices", and bounds
+    "min", "max" (inclusive), "gt", "lt" (exclusive).
     """
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=str, default=None, help="YAML config (configs/<model>.yaml)")
     for section, options in sections.items():
         group = parser.add_argument_group(section)
-        for key, (default, help_text) in options.items():
-            group.add_argument(f"--{key}", type=str, default=None, help=f"{help_text} (default: {default})")
+        for key, option in options.items():
+            is_list = _rule(option)[1]["type"] is list
+            group.add_argument(f"--{key}", type=str, default=None, nargs="+" if is_list else None,
+                               help=f"{option[1]} (default: {option[0]})")
     cli = parser.parse_args(argv)
 
     values = {}
@@ -129,20 +188,17 @@ def parse_config(argv, description, sections):
                 if key not in sections[section]:
                     raise ConfigError(f"{path}: unknown key '{section}.{key}'; valid keys: "
                                       f"{', '.join(sections[section])}")
-                values[key] = _coerce(value, sections[section][key][0], f"{path}: {section}.{key}")
+                values[key] = _coerce(value, sections[section][key], f"{path}: {section}.{key}")
 
     ns = argparse.Namespace(config=cli.config)
     ns._sections = {}
     ns._cli = {key for options in sections.values() for key in options if getattr(cli, key) is not None}
     for section, options in sections.items():
         ns._sections[section] = {}
-        for key, (default, _) in options.items():
-            value = values.get(key, default)
-            cli_value = getattr(cli, key)
-            if cli_value is not None:
-                value = _coerce(cli_value, default, f"--{key}")
-                if default is None:
-                    value = yaml.safe_load(cli_value)
+        for key, option in options.items():
+            value = values.get(key, option[0])
+            if getattr(cli, key) is not None:
+                value = _coerce(getattr(cli, key), option, f"--{key}", from_cli=True)
             setattr(ns, key, value)
             ns._sections[section][key] = value
     return ns
@@ -158,12 +214,24 @@ def save_config(args, path):
 
 
 def run_main(main, parse_args):
-    """Entry point: bad input is one line on stderr and exit status 2, not a traceback."""
+    """Entry point: bad input is one line on stderr and exit status 2, not a traceback; so is a full
+    disk, after which a rerun resumes (every artifact is written whole or not at all)."""
+    import errno
+
     try:
         main(parse_args())
     except ConfigError as e:
+        message = str(e)
+        if "\nOriginal Traceback" in message:  # raised in a data loader worker: its last line is the error
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
         if os.environ.get("RANK", "0") == "0":  # every process raises it; one says it
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: {e.filename or 'a file'}: no space left on the device; free some and rerun the same "
+              f"command: finished work is kept and resumed", file=sys.stderr)
         sys.exit(2)
 
 
@@ -386,9 +454,17 @@ class VideoScorer:
             num_frames = 48 if "v1.1" in str(name_or_path) else 16
         return cls(model, processor, num_frames, batch_size)
 
+    aspects = ASPECTS
+
     @property
     def device(self):
         return self.model.device
+
+    def unreadable(self, prompt):
+        """Why VideoScore cannot read `prompt` (None: it can): its processor's image markup."""
+        tokens = (self.processor.image_token, getattr(self.processor, "fake_image_token", None))
+        bad = next((t for t in tokens if t and t in prompt), None)
+        return bad and f"contains {bad!r}, which VideoScore's processor reads as an image slot; remove it"
 
     def _clip(self, video):
         frames = read_video(video) if isinstance(video, (str, os.PathLike)) else video
@@ -447,6 +523,13 @@ def _tiny_bpe_tokenizer(vocab_size=400):
                                    pad_token="<unk>", model_input_names=["input_ids", "attention_mask"])
 
 
+TINY_MARK = "vip_tiny.json"  # written into every random tiny model folder
+
+
+def is_tiny(path):
+    return os.path.isfile(os.path.join(os.fspath(path), TINY_MARK))
+
+
 def build_tiny_videoscore(out_dir, seed=0, image_size=32, image_seq_len=4, hidden_size=56):
     """Write a tiny random VideoScore checkpoint (model, processor, tokenizer) into out_dir, with
     the real layout, so VideoScorer.from_pretrained(out_dir) takes the same path as the real one."""
@@ -482,6 +565,8 @@ def build_tiny_videoscore(out_dir, seed=0, image_size=32, image_seq_len=4, hidde
     image_processor.save_pretrained(tmp)
     with open(os.path.join(tmp, "processor_config.json"), "w") as f:
         json.dump({"image_seq_len": image_seq_len, "processor_class": "Idefics2Processor"}, f, indent=2)
+    with open(os.path.join(tmp, TINY_MARK), "w") as f:  # so no table calls it VideoScore
+        json.dump({"random": True, "built_by": "build_tiny"}, f)
     os.replace(tmp, out_dir)
     return str(out_dir)
 
@@ -495,20 +580,114 @@ def hub(args, revision=True):
     return kwargs
 
 
+def is_local_path(name):
+    """Whether a model name can only be a local path: it exists, or is written as one (absolute,
+    ./ ../ ~, or more than one '/'); hub ids are 'namespace/name' or 'name'."""
+    name = os.fspath(name)
+    return os.path.exists(name) or name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
+
+
+def require_model(name, files, where, what, cache_dir=None, revision=None, large=()):
+    """Check that a model is there before any work starts: a local folder with `files`, or a hub id
+    whose files are cached or downloadable. One ConfigError line says what is wrong and how to fix
+    it (offline clusters meet this on their first run). Files in `large` are only located, not fetched."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    name = os.fspath(name)
+    if os.path.isdir(name):
+        missing = [f for f in files if not os.path.isfile(os.path.join(name, f))]
+        if missing:
+            raise ConfigError(f"{where}: {os.path.join(name, missing[0])} is missing; expected {what}")
+        return
+    if is_local_path(name):
+        raise ConfigError(f"{where}: {name}: no such folder; expected {what}")
+    for f in files:
+        try:
+            hf_hub_download(name, f, cache_dir=cache_dir, revision=revision, dry_run=f in large)
+        except LocalEntryNotFoundError:
+            why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"
+            raise ConfigError(f"{where}: {name} is not in the Hugging Face cache ({cache_dir or constants.HF_HUB_CACHE}) "
+                              f"and {why}; fetch it with `hf download {name}` where there is network (then copy the "
+                              f"cache here), or set {where} to a local folder") from None
+        except GatedRepoError:
+            raise ConfigError(f"{where}: {name} is gated on the hub; accept its terms on huggingface.co and run "
+                              f"`hf auth login`") from None
+        except RepositoryNotFoundError:
+            raise ConfigError(f"{where}: {name} is neither a local folder nor a model on the hub (a typo? a private "
+                              f"model needs `hf auth login`); expected {what}") from None
+        except RevisionNotFoundError:
+            raise ConfigError(f"{where}: {name} has no revision {revision!r} on the hub") from None
+        except EntryNotFoundError:
+            raise ConfigError(f"{where}: {name} has no file {f} on the hub; expected {what}") from None
+
+
+def check_models(args):
+    """Every model the config names is there (or, with build_tiny, will be built at a local path)."""
+    model_files = {"unet/config.json", "vae/config.json", "text_encoder/config.json", "scheduler/scheduler_config.json",
+                   "tokenizer/tokenizer_config.json"}
+    hubs = {"cache_dir": args.cache_dir}
+    if args.backend == "videocrafter2":
+        base = args.pretrained_model_name_or_path
+        if args.build_tiny or os.path.exists(os.path.join(base, "videocrafter2.json")):
+            needed = []
+        else:
+            if os.path.exists(base):
+                raise ConfigError(f"model.pretrained_model_name_or_path: {base} exists but holds no videocrafter2.json; "
+                                  f"expected a folder written by `python videocrafter2.py convert` (or a new path)")
+            needed = [("checkpoint", args.checkpoint, [] if os.path.isfile(args.checkpoint) else ["model.ckpt"],
+                       "VideoCrafter2's model.ckpt", {"revision": args.revision, "large": ("model.ckpt",)})]
+            import videocrafter2
+            needed.append(("tokenizer", videocrafter2.TOKENIZER, ["vocab.json", "merges.txt"], "a CLIP BPE tokenizer", {}))
+    else:
+        needed = [("pretrained_model_name_or_path", args.pretrained_model_name_or_path, sorted(model_files),
+                   "an SD1.5-layout folder (unet, vae, text_encoder, tokenizer, scheduler)", {"revision": args.revision}),
+                  ("motion_adapter", args.motion_adapter, ["config.json"], "a diffusers MotionAdapter folder", {})]
+    reward = getattr(args, "reward", None)  # train_redpo.py scores nothing
+    if "videoscore" in (reward, args.ensemble_with if reward == "ensemble" else None):
+        needed.append(("reward_model", args.reward_model, ["config.json"],
+                       "a VideoScore checkpoint (TIGER-Lab/VideoScore-v1.1)", {}))
+    for key, name, files, what, extra in needed:
+        section = "reward" if key == "reward_model" else "model"
+        where = f"{section}.{key}"
+        if args.build_tiny and key in ("pretrained_model_name_or_path", "motion_adapter", "reward_model"):
+            if not is_local_path(name):  # a tiny random model written at a hub id would later pass for the real one
+                raise ConfigError(f"{where}: {name!r} reads as a hub id, and build_tiny only builds at local paths; "
+                                  f"write it as ./{name} (or another local path), or set build_tiny: false")
+            continue
+        require_model(name, files, where, what, **hubs, **extra)
+
+
+def check_prompts(reward, prompts, where):
+    """Every prompt is one the reward can score, checked before anything is generated."""
+    for p in prompts:
+        why = getattr(reward, "unreadable", lambda p: None)(p)
+        if why:
+            raise ConfigError(f"{where}: prompt {p[:80]!r} {why}")
+
+
 def load_reward(args, device=None):
     """The reward of the config (`reward: videoscore | world | features | ensemble`), VideoScore
-    built tiny first when `build_tiny` is set."""
+    built tiny first when `build_tiny` is set; it must score every aspect of `aspects`."""
+    reward = _build_reward(args, device)
+    missing = [a for a in args.aspects if a not in reward.aspects]
+    if missing:
+        raise ConfigError(f"reward.aspects: reward {args.reward} scores only {', '.join(reward.aspects)}; got "
+                          f"{', '.join(missing)}" + (" (use reward: ensemble for text_alignment)"
+                                                     if args.reward == "features" else ""))
+    return reward
+
+
+def _build_reward(args, device=None):
     if args.reward in ("features", "ensemble"):
         import features
 
-        if args.reward == "features" and set(args.aspects) - set(features.ASPECTS):
-            raise ConfigError(f"reward.aspects: reward features scores only {', '.join(features.ASPECTS)}; got "
-                              f"{', '.join(args.aspects)} (use reward: ensemble for text_alignment)")
         if args.reward == "features":
             return features.FeatureReward()
         if args.ensemble_with not in ("videoscore", "world"):
             raise ConfigError(f"reward.ensemble_with: expected videoscore or world; got {args.ensemble_with!r}")
-        learned = load_reward(argparse.Namespace(**{**vars(args), "reward": args.ensemble_with}), device)
+        learned = _build_reward(argparse.Namespace(**{**vars(args), "reward": args.ensemble_with}), device)
         return features.EnsembleReward(learned, args.ensemble_with)
     if args.reward == "world":
         from world import WorldReward
@@ -517,6 +696,9 @@ def load_reward(args, device=None):
     if args.reward != "videoscore":
         raise ConfigError(f"reward.reward: expected videoscore, world, features or ensemble; got {args.reward!r}")
     if args.build_tiny and not os.path.exists(os.path.join(args.reward_model, "config.json")):
+        if not is_local_path(args.reward_model):
+            raise ConfigError(f"reward.reward_model: {args.reward_model!r} reads as a hub id, and build_tiny only builds "
+                              f"at local paths; write it as ./{args.reward_model}, or set build_tiny: false")
         build_tiny_videoscore(args.reward_model)
     dtype = weight_dtype(args.mixed_precision) if args.mixed_precision != "no" else None
     return VideoScorer.from_pretrained(args.reward_model, num_frames=args.reward_num_frames, device=device,
@@ -1002,38 +1184,127 @@ def _what_it_makes(config, ignore=()):
     return {s: {k: v for k, v in body.items() if k not in skip} for s, body in config.items()}
 
 
+def _saved_config(output_dir):
+    try:
+        with open(os.path.join(output_dir, "config.yaml")) as f:
+            saved = yaml.safe_load(f)
+        return saved if isinstance(saved, dict) and all(isinstance(v, dict) for v in saved.values()) else None
+    except (OSError, yaml.YAMLError):
+        return None
+
+
 def config_matches(output_dir, args, ignore=()):
     """True when `output_dir/config.yaml` was written for a config that makes the same artifacts
     (keys in `ignore` aside)."""
-    path = os.path.join(output_dir, "config.yaml")
+    saved = _saved_config(output_dir)
+    return saved is not None and _what_it_makes(saved, ignore) == _what_it_makes(config_dict(args), ignore)
+
+
+def stage_done(output_dir, args, final_artifact):
+    """True when `final_artifact` exists and was made with this config: the rerun skips. Reads only."""
+    return config_matches(output_dir, args) and os.path.exists(os.path.join(output_dir, final_artifact))
+
+
+def _config_changes(saved, args, ignore=()):
+    old, new = _what_it_makes(saved or {}, ignore), _what_it_makes(config_dict(args), ignore)
+    keys = [f"{s}.{k}" for s in new for k in new[s] if (old.get(s) or {}).get(k, "<unset>") != new[s][k]]
+    return ", ".join(keys[:4]) + (" ..." if len(keys) > 4 else "") if keys else "unknown config"
+
+
+_LOCKS = {}  # output folder -> open lock file: the lock lives as long as the process
+
+
+def lock_folder(folder):
+    """One run per output folder: an exclusive lock on `folder/.lock`, released when the process
+    ends, however it ends. A second run gets a ConfigError naming the holder."""
+    import fcntl
+    import socket
+
+    folder = os.path.abspath(folder)
+    if folder in _LOCKS:
+        return
+    f = open(os.path.join(folder, ".lock"), "a+")
     try:
-        with open(path) as f:
-            return _what_it_makes(yaml.safe_load(f), ignore) == _what_it_makes(config_dict(args), ignore)
-    except (OSError, yaml.YAMLError, AttributeError):
-        return False
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ConfigError(f"{folder}: in use by {holder}; wait for it to finish or stop it, "
+                          f"or use another --output_dir") from None
+    f.seek(0), f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} ({' '.join(sys.argv)[:200]})\n")
+    f.flush()
+    _LOCKS[folder] = f
 
 
-def start_stage(output_dir, args, final_artifact, work_dirs=(), is_main=True, work_ignores=()):
-    """Decide whether a stage has anything to do. Returns False when `final_artifact` exists and
-    was made with this config (the rerun skips). Otherwise makes `output_dir`, drops per-item work
-    made under a config that differs in more than `work_ignores`, writes the resolved config
-    beside the outputs, and returns True."""
-    import glob
+def _remove_temporaries(folder):
+    """What killed runs left: files named by tmp_name (.x.tmp<pid>.ext) and folders named *.tmp.
+    Under the folder's lock no other process writes here, so every one of them is stale."""
+    import re
     import shutil
 
-    if config_matches(output_dir, args) and os.path.exists(os.path.join(output_dir, final_artifact)):
-        return False
-    if is_main:
-        os.makedirs(output_dir, exist_ok=True)
-        if not config_matches(output_dir, args, work_ignores):
-            for pattern in work_dirs:
-                for path in glob.glob(os.path.join(glob.escape(output_dir), pattern)):
-                    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-        final = os.path.join(output_dir, final_artifact)
-        if os.path.isfile(final):
-            os.remove(final)
-        save_config(args, os.path.join(output_dir, "config.yaml"))
-    return True
+    stale = re.compile(r"^\..+\.tmp\d+(\.\w+)?$")
+    for root, dirs, files in os.walk(folder):
+        if root == folder and "replaced" in dirs:
+            dirs.remove("replaced")
+        for d in [d for d in dirs if d.endswith(".tmp")]:
+            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+            dirs.remove(d)
+        for name in files:
+            if stale.match(name):
+                os.remove(os.path.join(root, name))
+
+
+def start_stage(accelerator, output_dir, args, results, work=(), work_ignores=(), final=None):
+    """Take `output_dir` for this run, once its inputs are checked: lock it, remove what killed runs
+    left half-written, and write the resolved config beside the outputs.
+
+    Results (glob patterns of what the stage writes) made under another config are moved aside to
+    replaced/<time>/, never deleted, and said so. Where the configs differ only in `work_ignores`,
+    the per-item `work` is kept (it is still valid) and only `final`, the file that marks the stage
+    done, is removed. Every process calls this; the main one acts, and its error is everyone's.
+    Returns the replaced/<time> folder results were moved to, or None."""
+    import glob
+    import shutil
+    import time
+
+    from accelerate.utils import broadcast_object_list
+
+    error = aside = None
+    if accelerator.is_main_process:
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+            lock_folder(output_dir)
+            _remove_temporaries(output_dir)
+            if not config_matches(output_dir, args):
+                keep = set(work) if config_matches(output_dir, args, work_ignores) else set()
+                found = [p for pattern in results if pattern not in keep
+                         for p in glob.glob(os.path.join(glob.escape(output_dir), pattern))]
+                if keep:
+                    for path in found:
+                        if os.path.basename(path) == final:
+                            os.remove(path)
+                elif found:
+                    saved = _saved_config(output_dir)
+                    aside = os.path.join(output_dir, "replaced", time.strftime("%Y%m%d-%H%M%S"))
+                    while os.path.exists(aside):
+                        aside += "+"
+                    config = os.path.join(output_dir, "config.yaml")
+                    for path in found + [config] * os.path.exists(config):
+                        dest = os.path.join(aside, os.path.relpath(path, output_dir))
+                        os.makedirs(os.path.dirname(dest), exist_ok=True)
+                        shutil.move(path, dest)
+                    print(f"{output_dir}: made with another config ({_config_changes(saved, args)}); "
+                          f"its results are kept in {aside}", file=sys.stderr)
+            save_config(args, os.path.join(output_dir, "config.yaml"))
+        except ConfigError as e:
+            error = str(e)
+    if accelerator.num_processes > 1:
+        error, aside = broadcast_object_list([error, aside])
+    if error:
+        raise ConfigError(error)
+    return aside
 
 
 def run_items(items, work, out_path, accelerator, desc, batch_size=1):
@@ -1061,22 +1332,41 @@ def run_items(items, work, out_path, accelerator, desc, batch_size=1):
 MANIFEST_KEYS = ("id", "prompt", "seed", "winner", "loser", "latents", "winner_scores", "loser_scores")
 
 
+def _inside(rel):
+    """A manifest's file path is relative and stays in the manifest's folder."""
+    return isinstance(rel, str) and rel and not os.path.isabs(rel) and \
+        not os.path.normpath(rel).startswith(os.pardir) and os.path.normpath(rel) != "."
+
+
 def read_manifest(path):
-    """The rows of a pair manifest (curate.py's pairs.jsonl), each checked for its fields."""
+    """The rows of a pair manifest (curate.py's pairs.jsonl), each checked for its fields and types;
+    file paths must be relative to the manifest's folder and stay inside it."""
     try:
         lines = Path(path).read_text().splitlines()
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read pair manifest ({e.strerror})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read pair manifest ({getattr(e, 'strerror', None) or e})") from None
     rows = []
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-            ok = isinstance(row, dict) and all(k in row for k in MANIFEST_KEYS) and isinstance(row["prompt"], str)
         except json.JSONDecodeError:
-            ok = False
-        if not ok:
+            row = None
+        if not isinstance(row, dict) or not all(k in row for k in MANIFEST_KEYS):
             raise ConfigError(f"{path}:{i}: expected a JSON object with {', '.join(MANIFEST_KEYS)}")
+        numbers = lambda d: isinstance(d, dict) and all(isinstance(v, (int, float)) for v in d.values())  # noqa: E731
+        bad = [k for k, ok in (("prompt", isinstance(row["prompt"], str) and row["prompt"].strip()),
+                               ("seed", isinstance(row["seed"], int) and not isinstance(row["seed"], bool)),
+                               ("winner_scores", numbers(row["winner_scores"])),
+                               ("loser_scores", numbers(row["loser_scores"])))
+               if not ok]
+        if bad:
+            raise ConfigError(f"{path}:{i}: '{bad[0]}' is {row[bad[0]]!r}; expected "
+                              + {"prompt": "a prompt string", "seed": "an integer seed"}.get(bad[0], "a dict of scores"))
+        for key in ("winner", "loser", "latents"):
+            if not _inside(row[key]):
+                raise ConfigError(f"{path}:{i}: '{key}' is {row[key]!r}; expected a path relative to the manifest's "
+                                  f"folder and inside it (as curate.py writes)")
         rows.append(row)
     return rows

@@ -33,18 +33,20 @@ OPTIONS = {
     "output_dir": (None, "where pairs.jsonl, videos/ and latents/ go"),
     "student": (None, "the current pruned student (prune.py's student/): it makes the losers"),
     "ranking": (None, "prune.py's ranking.json: its targets are the aspects to repair"),
-    "target_aspects": (None, "instead of --ranking: the aspects to repair, e.g. [dynamic_degree]"),
+    "target_aspects": (None, "instead of --ranking: the aspects to repair, e.g. dynamic_degree temporal_consistency",
+                       {"type": list, "choices": common.ASPECTS}),
     "curation_prompts": ("configs/prompts/curation.txt", "prompts: one a line, or JSONL/CSV with a 'prompt' field"),
-    "max_prompts": (None, "use at most this many prompts (after filtering)"),
-    "min_words": (5, "shortest prompt kept, in words"),
-    "max_words": (25, "longest prompt kept, in words"),
-    "relevance_filter": ("keyword", "keyword (no weights) | llm (--llm_model) | none"),
+    "max_prompts": (None, "use at most this many prompts (after filtering)", {"type": int, "min": 1}),
+    "min_words": (5, "shortest prompt kept, in words", {"min": 1}),
+    "max_words": (25, "longest prompt kept, in words", {"min": 1}),
+    "relevance_filter": ("keyword", "keyword (no weights) | llm (--llm_model) | none", {"choices": ("keyword", "llm", "none")}),
     "llm_model": (None, "causal LM for --relevance_filter llm: hub id or local folder"),
-    "seeds_per_prompt": (1, "pairs generated per prompt, each with its own seed"),
+    "seeds_per_prompt": (1, "pairs generated per prompt, each with its own seed", {"min": 1}),
     "tau_p": (2.5, "floor on the loser's score: S(v_full) > S(v_pruned) > tau_p"),
-    "min_margin": (0.0, "S(v_full) - S(v_pruned) must exceed this; 0 is the paper's rule"),
-    "pair_score": ("mean", "mean: S is the mean of the target aspects | each: every target aspect must pass"),
-    "seed": (0, "pair k of the prompt list uses seed + k, for winner and loser alike"),
+    "min_margin": (0.0, "S(v_full) - S(v_pruned) must exceed this; 0 is the paper's rule", {"min": 0}),
+    "pair_score": ("mean", "mean: S is the mean of the target aspects | each: every target aspect must pass",
+                   {"choices": ("mean", "each")}),
+    "seed": (0, "pair k of the prompt list uses seed + k, for winner and loser alike", {"min": 0}),
 }
 
 # Words a prompt needs to exercise an aspect: motion for dynamics and temporal consistency, look
@@ -208,19 +210,19 @@ def main(args):
     for key in ("output_dir", "student"):
         if getattr(args, key) is None:
             raise common.ConfigError(f"--{key} is required (curate.{key} in the config)")
-    if args.pair_score not in ("mean", "each"):
-        raise common.ConfigError(f"curate.pair_score: expected mean or each; got {args.pair_score!r}")
+    if args.min_words > args.max_words:
+        raise common.ConfigError(f"curate.min_words ({args.min_words}) is above curate.max_words ({args.max_words})")
+    # Inputs first: nothing in the output folder is touched until they are all good.
+    targets = target_aspects(args)
+    common.read_student_meta(args.student)
+    common.check_models(args)
     accelerator = Accelerator()
     out = args.output_dir
-    if not common.start_stage(out, args, "pairs.jsonl", ["items", "videos", "latents"], accelerator.is_main_process):
+    if common.stage_done(out, args, "pairs.jsonl"):
         accelerator.print(f"curate: {out}/pairs.jsonl is done with this config; skipping")
         return
-    accelerator.wait_for_everyone()
-    targets = target_aspects(args)
     with accelerator.main_process_first():
         prompts = select_prompts(args, targets, accelerator.device)
-    if accelerator.is_main_process:
-        common.atomic_write_text(os.path.join(out, "prompts.txt"), "\n".join(prompts) + "\n")
     items = [{"id": f"{i:05d}_{j}", "prompt": p, "seed": args.seed + i * args.seeds_per_prompt + j}
              for i, p in enumerate(prompts) for j in range(args.seeds_per_prompt)]
 
@@ -230,6 +232,14 @@ def main(args):
                                    device=accelerator.device, dtype=dtype)
     teacher = common.with_unet(student, common.load_unet(args, dtype=dtype).to(accelerator.device))
     reward = common.load_reward(args, device=accelerator.device)
+    if set(targets) - set(reward.aspects):
+        raise common.ConfigError(f"curate: target aspects {', '.join(targets)}: reward {args.reward} scores only "
+                                 f"{', '.join(reward.aspects)}")
+    common.check_prompts(reward, prompts, args.curation_prompts)
+    common.start_stage(accelerator, out, args, ["pairs.jsonl", "candidates.jsonl", "prompts.txt", "items", "videos",
+                                                "latents"])
+    if accelerator.is_main_process:
+        common.atomic_write_text(os.path.join(out, "prompts.txt"), "\n".join(prompts) + "\n")
 
     def work(chunk):
         from safetensors.torch import save_file

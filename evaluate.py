@@ -29,10 +29,10 @@ OPTIONS = {
     "output_dir": (None, "where eval.json, eval.md and the videos go"),
     "students": ([], "student folders to evaluate beside the teacher M0; comma-separated or a YAML list"),
     "eval_prompts": ("configs/prompts/eval.txt", "held-out prompts (never the curation prompts)"),
-    "num_eval_prompts": (None, "use the first this many prompts (default: all)"),
-    "videos_per_prompt": (1, "videos per prompt, each with its own seed"),
-    "latency_runs": (3, "timed generations per model (after one warm-up); the median is reported"),
-    "seed": (1234, "video i uses seed + i, for every model"),
+    "num_eval_prompts": (None, "use the first this many prompts (default: all)", {"type": int, "min": 1}),
+    "videos_per_prompt": (1, "videos per prompt, each with its own seed", {"min": 1}),
+    "latency_runs": (3, "timed generations per model (after one warm-up); the median is reported", {"min": 1}),
+    "seed": (1234, "video i uses seed + i, for every model", {"min": 0}),
 }
 
 ASPECT_TITLES = {"visual_quality": "Visual Quality", "temporal_consistency": "Temporal Consist.",
@@ -141,6 +141,17 @@ video{{width:160px;image-rendering:pixelated;background:#000}} p{{max-width:900p
     common.atomic_write_text(os.path.join(out, "report.html"), page)
 
 
+def reward_label(args):
+    """What the table says it scored with: never a real model's name for a random tiny one."""
+    names = {"world": "world (exact)", "features": "features (weight-free)"}
+    if args.reward in names:
+        return names[args.reward]
+    learned = args.ensemble_with if args.reward == "ensemble" else "videoscore"
+    name = names.get(learned) or (f"random tiny VideoScore ({args.reward_model}; its scores mean nothing)"
+                                  if common.is_tiny(args.reward_model) else args.reward_model)
+    return f"mean of {name} and features (weight-free)" if args.reward == "ensemble" else name
+
+
 def features_table(models):
     """The weight-free features (features.py) of each model, and the learned reward's part of an ensemble."""
     parts = [k for k in models[0]["scores"] if "/" in k]
@@ -155,18 +166,19 @@ def features_table(models):
 def main(args):
     if args.output_dir is None:
         raise common.ConfigError("--output_dir is required (eval.output_dir in the config)")
+    # Inputs first: nothing in the output folder is touched until they are all good.
     for s in args.students:
-        common.read_student_meta(s)  # a bad folder fails before any generation
+        common.read_student_meta(s)
+    prompts = common.read_prompts(args.eval_prompts)[: args.num_eval_prompts]
+    common.check_models(args)
     accelerator = Accelerator()
     out = args.output_dir
-    if not common.start_stage(out, args, "eval.json", ["items", "videos"], accelerator.is_main_process,
-                              work_ignores=["students"]):
+    if common.stage_done(out, args, "eval.json"):
         accelerator.print(f"evaluate: {out}/eval.json is done with this config; skipping")
         return
-    accelerator.wait_for_everyone()
-    prompts = common.read_prompts(args.eval_prompts)[: args.num_eval_prompts]
     dtype = common.weight_dtype(args.mixed_precision)
     reward = common.load_reward(args, device=accelerator.device)
+    common.check_prompts(reward, prompts, args.eval_prompts)
     import features
 
     # The weight-free features are reported beside any learned reward (the ensemble scores them itself).
@@ -175,6 +187,8 @@ def main(args):
     unets = {model_key(p): common.load_unet(args, student=p, dtype=dtype).to(accelerator.device) for p in paths}
     pipe = common.load_pipeline(args, unets["teacher"], device=accelerator.device, dtype=dtype)
     pipes = {k: pipe if k == "teacher" else common.with_unet(pipe, u) for k, u in unets.items()}
+    common.start_stage(accelerator, out, args, ["eval.json", "eval.md", "report.html", "aspects.png", "items", "videos"],
+                       work=["items", "videos"], work_ignores=["students"], final="eval.json")
 
     n = args.videos_per_prompt
     items = [{"id": f"{k}__{i:04d}_{j}", "model": k, "prompt": p, "seed": args.seed + i * n + j}
@@ -215,7 +229,7 @@ def main(args):
         report = {"aspects": list(args.aspects), "prompts": args.eval_prompts, "num_prompts": len(prompts),
                   "device": str(accelerator.device), "models": models,
                   "items": [f"{r['prompt']} (seed {r['seed']})" for r in results if r["model"] == "teacher"]}
-        reward_name = args.reward_model if args.reward == "videoscore" else f"{args.reward} (exact)"
+        reward_name = reward_label(args)
         vc2 = args.backend == "videocrafter2"  # its candidates are blocks of every kind; the paper counts the UNet
         blocks = ("of the prunable blocks and of the whole UNet (the paper's count)" if vc2 else
                   "of the motion modules (the paper's count) and of the whole UNet")

@@ -111,6 +111,10 @@ class EnsembleReward:
 
     def __init__(self, learned, name):
         self.learned, self.features, self.name = learned, FeatureReward(), name
+        self.aspects = learned.aspects
+
+    def unreadable(self, prompt):
+        return getattr(self.learned, "unreadable", lambda p: None)(prompt)
 
     def score(self, videos, prompts):
         frames = [_frames(v) for v in videos]

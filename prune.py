@@ -24,12 +24,12 @@ OPTIONS = {
     "output_dir": (None, "where ranking.json and the pruned student go"),
     "student": (None, "current student folder (default: the full model M0, stage 1)"),
     "prune_prompts": ("configs/prompts/curation.txt", "prompts of the block scan (the first --num_prune_prompts)"),
-    "num_prune_prompts": (16, "prompts per candidate block"),
+    "num_prune_prompts": (16, "prompts per candidate block", {"min": 1}),
     "candidates": ([], "block names to consider (default: every motion module still present)"),
-    "num_blocks": (1, "blocks removed this stage"),
+    "num_blocks": (1, "blocks removed this stage", {"min": 1}),
     "prune_params": (None, "instead of --num_blocks: remove the best-ranked blocks until at least this many "
-                           "motion-module parameters are gone"),
-    "seed": (0, "video i uses seed + i, the same for every candidate"),
+                           "motion-module parameters are gone", {"type": int, "min": 1}),
+    "seed": (0, "video i uses seed + i, the same for every candidate", {"min": 0}),
 }
 
 
@@ -61,14 +61,16 @@ def main(args):
         raise common.ConfigError("--output_dir is required (prune.output_dir in the config)")
     if "num_blocks" in getattr(args, "_cli", ()) and "prune_params" not in args._cli:
         args.prune_params = None  # --num_blocks on the command line beats a budget in the config
+    # Inputs first: nothing in the output folder is touched until they are all good.
+    prompts = common.read_prompts(args.prune_prompts)[: args.num_prune_prompts]
+    if args.student is not None:
+        common.read_student_meta(args.student)
+    common.check_models(args)
     accelerator = Accelerator()
-    scan_dir = os.path.join(args.output_dir, "scan")
-    if not common.start_stage(args.output_dir, args, "ranking.json", ["scan", "student"], accelerator.is_main_process):
+    if common.stage_done(args.output_dir, args, "ranking.json"):
         accelerator.print(f"prune: {args.output_dir}/ranking.json is done with this config; skipping")
         return
-    accelerator.wait_for_everyone()
     aspects = args.aspects
-    prompts = common.read_prompts(args.prune_prompts)[: args.num_prune_prompts]
     dtype = common.weight_dtype(args.mixed_precision)
 
     # The student to prune and, from stage 2 on, the teacher M0 it is compared with.
@@ -78,6 +80,7 @@ def main(args):
     if args.student is not None:
         pipes["teacher"] = common.with_unet(pipe, common.load_unet(args, dtype=dtype).to(accelerator.device))
     reward = common.load_reward(args, device=accelerator.device)
+    common.check_prompts(reward, prompts, args.prune_prompts)
     blocks = common.list_blocks(unet)
     if args.candidates:
         present = [b["name"] for b in blocks]
@@ -89,6 +92,9 @@ def main(args):
     block_names = {b["name"] for b in blocks}
     if not blocks:
         raise common.ConfigError(f"{args.student}: every block is already removed; nothing left to prune")
+    motion_before = common.motion_parameters(unet)
+    scan_dir = os.path.join(args.output_dir, "scan")
+    common.start_stage(accelerator, args.output_dir, args, ["ranking.json", "ranking.md", "scan", "student"])
 
     def scan(variants, phase):
         items = [{"id": f"{v}__{i:04d}", "variant": v, "prompt": p, "seed": args.seed + i}
@@ -134,7 +140,7 @@ def main(args):
             "student": args.student or "M0", "aspects": list(aspects), "teacher": teacher, "unpruned": base,
             "candidates": sorted(candidates, key=lambda c: c["cost"]), "chosen": chosen, "pruned": pruned,
             "targets": targets, "targets_rule": reason,
-            "motion_parameters": {"before": sum(b["params"] for b in blocks), "after": common.motion_parameters(unet)},
+            "motion_parameters": {"before": motion_before, "after": common.motion_parameters(unet)},
         }
         common.atomic_write_text(os.path.join(args.output_dir, "ranking.md"), ranking_markdown(ranking))
         common.atomic_write_json(os.path.join(args.output_dir, "ranking.json"), ranking)  # last: marks the stage done

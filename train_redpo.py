@@ -35,34 +35,39 @@ import common
 OPTIONS = {
     "output_dir": (None, "where the trained student, checkpoints and logs go"),
     "student": (None, "student to train: a folder from prune.py (student/)"),
-    "pairs": ([], "pair manifest(s) from curate.py (pairs.jsonl); several: comma-separated or a YAML list"),
-    "trainable": ("motion_modules", "motion_modules (AnimateDiff's motion modules; VideoCrafter2's temporal layers) | unet"),
-    "loss_type": ("redpo", "redpo | dpo (w/o SFT) | sft (w/o DPO)"),
-    "beta": (2500.0, "DPO temperature; no 0.5 factor: 2500 here = Diffusion-DPO's beta_dpo 5000"),
-    "w_sft": (1.0, "weight of the SFT term (student to teacher on winners)"),
-    "learning_rate": (1e-5, "AdamW learning rate"),
+    "pairs": ([], "pair manifest(s) from curate.py (pairs.jsonl); several: space- or comma-separated, or a YAML list"),
+    "trainable": ("motion_modules", "motion_modules (AnimateDiff's motion modules; VideoCrafter2's temporal layers) | unet",
+                  {"choices": ("motion_modules", "unet")}),
+    "loss_type": ("redpo", "redpo | dpo (w/o SFT) | sft (w/o DPO)", {"choices": common.LOSS_TYPES}),
+    "beta": (2500.0, "DPO temperature; no 0.5 factor: 2500 here = Diffusion-DPO's beta_dpo 5000", {"gt": 0}),
+    "w_sft": (1.0, "weight of the SFT term (student to teacher on winners)", {"min": 0}),
+    "learning_rate": (1e-5, "AdamW learning rate", {"gt": 0}),
     "scale_lr": (False, "multiply the learning rate by the effective batch size"),
-    "lr_scheduler": ("constant_with_warmup", "diffusers scheduler name: constant, constant_with_warmup, cosine, ..."),
-    "lr_warmup_steps": (0, "warmup steps"),
-    "adam_beta1": (0.9, "AdamW beta1"),
-    "adam_beta2": (0.999, "AdamW beta2"),
-    "adam_weight_decay": (1e-2, "AdamW weight decay"),
-    "adam_epsilon": (1e-8, "AdamW epsilon"),
-    "max_grad_norm": (1.0, "gradient clipping norm"),
-    "train_batch_size": (1, "pairs per process per step"),
-    "gradient_accumulation_steps": (1, "steps accumulated per update"),
-    "max_train_steps": (500, "optimizer updates"),
+    "lr_scheduler": ("constant_with_warmup", "diffusers scheduler name: constant, constant_with_warmup, cosine, ...",
+                     {"choices": ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                                  "constant_with_warmup")}),
+    "lr_warmup_steps": (0, "warmup steps", {"min": 0}),
+    "adam_beta1": (0.9, "AdamW beta1", {"min": 0, "lt": 1}),
+    "adam_beta2": (0.999, "AdamW beta2", {"min": 0, "lt": 1}),
+    "adam_weight_decay": (1e-2, "AdamW weight decay", {"min": 0}),
+    "adam_epsilon": (1e-8, "AdamW epsilon", {"gt": 0}),
+    "max_grad_norm": (1.0, "gradient clipping norm", {"gt": 0}),
+    "train_batch_size": (1, "pairs per process per step", {"min": 1}),
+    "gradient_accumulation_steps": (1, "steps accumulated per update", {"min": 1}),
+    "max_train_steps": (500, "optimizer updates", {"min": 1}),
     "gradient_checkpointing": (False, "trade compute for memory in the student"),
-    "checkpointing_steps": (100, "save resumable state every this many updates"),
-    "checkpoints_total_limit": (None, "keep at most this many checkpoints"),
+    "checkpointing_steps": (100, "save resumable state every this many updates", {"min": 1}),
+    "checkpoints_total_limit": (None, "keep at most this many checkpoints", {"type": int, "min": 1}),
     "resume_from_checkpoint": (None, "a checkpoint folder, or 'latest' (starts fresh when there is none)"),
-    "report_to": ("tensorboard", "tensorboard (logs in <output_dir>/logs) | wandb (pip install wandb) | none"),
-    "logging_steps": (10, "print and log metrics every this many updates"),
-    "validation_steps": (None, "every this many updates, sample validation videos with the student (None: never)"),
+    "report_to": ("tensorboard", "tensorboard (logs in <output_dir>/logs) | wandb (pip install wandb) | none",
+                  {"choices": ("tensorboard", "wandb", "none")}),
+    "logging_steps": (10, "print and log metrics every this many updates", {"min": 1}),
+    "validation_steps": (None, "every this many updates, sample validation videos with the student (None: never)",
+                         {"type": int, "min": 1}),
     "validation_prompts": ([], "prompts of the validation videos (default: the first pairs' prompts)"),
-    "num_validation_videos": (2, "validation videos per validation, seeds 0, 1, ..."),
-    "dataloader_num_workers": (0, "data loader worker processes"),
-    "seed": (0, "seed of noise, timesteps and data order"),
+    "num_validation_videos": (2, "validation videos per validation, seeds 0, 1, ...", {"min": 1}),
+    "dataloader_num_workers": (0, "data loader worker processes", {"min": 0}),
+    "seed": (0, "seed of noise, timesteps and data order", {"min": 0}),
 }
 
 
@@ -71,16 +76,36 @@ def parse_args(argv=None):
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """Pairs from curate.py manifests: the winner and loser latents of one prompt and seed."""
+    """Pairs from curate.py manifests: the winner and loser latents of one prompt and seed. Every
+    row is checked here, before any model loads: its videos are whole MP4s, its latents file holds
+    a winner and a loser of one shape, the same for every pair (a batch stacks them)."""
 
     def __init__(self, manifests):
-        self.rows = []
+        from safetensors import safe_open
+
+        self.rows, shapes = [], {}
         for manifest in manifests:
             root = os.path.dirname(manifest)
             for i, row in enumerate(common.read_manifest(manifest), 1):
+                where = f"{manifest}:{i}"
                 for key in ("winner", "loser"):  # a pair whose videos are gone or broken is not a pair
-                    check_mp4(os.path.join(root, row[key]), f"{manifest}:{i}: {key}")
-                self.rows.append({"prompt": row["prompt"], "latents": os.path.join(root, row["latents"])})
+                    check_mp4(os.path.join(root, row[key]), f"{where}: {key}")
+                path = os.path.join(root, row["latents"])
+                try:
+                    with safe_open(path, "pt") as f:
+                        shape = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+                except Exception as e:
+                    raise common.ConfigError(f"{where}: latents {path}: cannot read ({str(e).splitlines()[0][:120]}); "
+                                             f"expected the safetensors file curate.py wrote") from None
+                if set(shape) < {"winner", "loser"} or shape["winner"] != shape["loser"]:
+                    raise common.ConfigError(f"{where}: latents {path}: expected 'winner' and 'loser' tensors of one "
+                                             f"shape; got {shape}")
+                shapes.setdefault(shape["winner"], where)
+                if len(shapes) > 1:
+                    (first, at), = list(shapes.items())[:1]
+                    raise common.ConfigError(f"{where}: latents of shape {shape['winner']}, but {at} has {first}; "
+                                             f"every pair must have one shape (curated with one model config)")
+                self.rows.append({"prompt": row["prompt"], "latents": path})
         if not self.rows:
             raise common.ConfigError(f"{', '.join(manifests)}: no pairs to train on")
 
@@ -94,20 +119,34 @@ class PairDataset(torch.utils.data.Dataset):
         try:
             latents = load_file(row["latents"])
             return {"winner": latents["winner"], "loser": latents["loser"], "prompt": row["prompt"]}
-        except Exception as e:
-            raise common.ConfigError(f"{row['latents']}: cannot read latents ({e}); expected a safetensors "
-                                     f"file with 'winner' and 'loser' tensors") from None
+        except Exception as e:  # changed since it was checked; a worker's error reaches the user as one line too
+            raise common.ConfigError(f"{row['latents']}: cannot read latents ({str(e).splitlines()[0][:120]}); "
+                                     f"expected a safetensors file with 'winner' and 'loser' tensors") from None
 
 
 def check_mp4(path, where):
-    """Cheap: the file exists and starts like an MP4 (an 'ftyp' box), without decoding it."""
+    """Cheap, without decoding: the file is a whole MP4, its top-level boxes covering it exactly,
+    with the movie header (moov) and the media data (mdat) a truncated or corrupt file lacks."""
     try:
+        size = os.path.getsize(path)
+        boxes, offset = set(), 0
         with open(path, "rb") as f:
-            head = f.read(12)
+            while offset < size:
+                f.seek(offset)
+                head = f.read(16)
+                length, kind = int.from_bytes(head[:4], "big"), head[4:8]
+                if length == 1:
+                    length = int.from_bytes(head[8:16], "big")
+                elif length == 0:
+                    length = size - offset
+                if length < 8 or offset + length > size:
+                    break
+                boxes.add(kind)
+                offset += length
     except OSError:
         raise common.ConfigError(f"{where}: {path} is missing; expected the MP4 curate.py wrote") from None
-    if head[4:8] != b"ftyp":
-        raise common.ConfigError(f"{where}: {path} is not an MP4 (corrupt or truncated)")
+    if offset != size or not {b"ftyp", b"moov", b"mdat"} <= boxes:
+        raise common.ConfigError(f"{where}: {path} is not a whole MP4 (corrupt or truncated)")
 
 
 def collate(rows):
@@ -116,25 +155,62 @@ def collate(rows):
     return {"latents": latents, "prompts": [r["prompt"] for r in rows]}
 
 
+CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+
+
+def checkpoints(output_dir):
+    """The steps of the finished checkpoints in `output_dir`, oldest first."""
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    return sorted(int(m.group(1)) for d in names if (m := CHECKPOINT.fullmatch(d)))
+
+
 def latest_checkpoint(output_dir):
-    steps = [int(m.group(1)) for d in os.listdir(output_dir) if (m := re.fullmatch(r"checkpoint-(\d+)", d))]
-    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
+    steps = checkpoints(output_dir)
+    return os.path.join(output_dir, f"checkpoint-{steps[-1]}") if steps else None
+
+
+def check_resume(value):
+    """--resume_from_checkpoint: None, 'latest', or an existing checkpoint-<step> folder."""
+    if value in (None, "latest"):
+        return value
+    if not os.path.isdir(value) or not CHECKPOINT.fullmatch(os.path.basename(os.path.normpath(value))):
+        raise common.ConfigError(f"train.resume_from_checkpoint: {value}: expected 'latest' or an existing "
+                                 f"checkpoint-<step> folder written by train_redpo.py")
+    return os.path.abspath(value)
 
 
 def save_checkpoint(accelerator, args, step):
     """save_state on every rank (rank-0-only hangs DeepSpeed), into a temporary folder renamed
-    when complete, so a kill mid-save never leaves a checkpoint that looks finished."""
+    when complete; only then are checkpoints beyond checkpoints_total_limit deleted, oldest first,
+    so a kill at any moment leaves at least one whole checkpoint."""
     final = os.path.join(args.output_dir, f"checkpoint-{step}")
-    tmp = final + ".tmp"
-    if accelerator.is_main_process and args.checkpoints_total_limit is not None:
-        while (old := sorted(int(d.split("-")[1]) for d in os.listdir(args.output_dir)
-                             if re.fullmatch(r"checkpoint-\d+", d))) and len(old) >= args.checkpoints_total_limit:
-            shutil.rmtree(os.path.join(args.output_dir, f"checkpoint-{old[0]}"))
+    tmp = final + ".tmp"  # one run per folder (its lock); what a killed run left is removed first
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if os.path.exists(final):  # the same step of an earlier run, resumed from before it
+            shutil.rmtree(final)
         os.replace(tmp, final)
+        if args.checkpoints_total_limit is not None:
+            for old in checkpoints(args.output_dir)[:-args.checkpoints_total_limit]:
+                shutil.rmtree(os.path.join(args.output_dir, f"checkpoint-{old}"))
+    accelerator.wait_for_everyone()
     return final
+
+
+def check_finite(accelerator, args, ok, what, step):
+    """Stop, on every process at once, when the loss or the updated weights are not finite; the
+    newest checkpoint was checked before it was saved, so it is named as the one to go on from."""
+    if accelerator.gather(torch.tensor([ok], device=accelerator.device)).all():
+        return
+    last = latest_checkpoint(args.output_dir)
+    resume = f"; to go on from it, add --resume_from_checkpoint {last}" if last else ""
+    sys.exit(f"train: non-finite {what} at step {step}; last good checkpoint: {last or 'none'}{resume}. "
+             f"Try a lower --learning_rate or --beta, or --mixed_precision bf16 (a rerun with other settings keeps "
+             f"this folder's results in {os.path.join(args.output_dir, 'replaced')})")
 
 
 def check_tracker(report_to):
@@ -180,11 +256,12 @@ def main(args):
     for key in ("output_dir", "student", "pairs"):
         if not getattr(args, key):
             raise common.ConfigError(f"--{key} is required (train.{key} in the config)")
-    if args.trainable not in ("motion_modules", "unet"):
-        raise common.ConfigError(f"train.trainable: expected motion_modules or unet; got {args.trainable!r}")
-    if args.loss_type not in common.LOSS_TYPES:
-        raise common.ConfigError(f"train.loss_type: expected one of {', '.join(common.LOSS_TYPES)}; got {args.loss_type!r}")
+    # Inputs first: nothing in the output folder is touched until they are all good.
     check_tracker(args.report_to)
+    resume = check_resume(args.resume_from_checkpoint)
+    dataset = PairDataset(args.pairs)
+    common.read_student_meta(args.student)
+    common.check_models(args)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -192,13 +269,10 @@ def main(args):
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
-    if not common.start_stage(args.output_dir, args, "student/student.json",
-                              ["checkpoint-*", "student", "metrics.jsonl"], accelerator.is_main_process):
+    if common.stage_done(args.output_dir, args, "student/student.json"):
         accelerator.print(f"train: {args.output_dir}/student is done with this config; skipping")
         return
-    accelerator.wait_for_everyone()
     set_seed(args.seed)
-    dataset = PairDataset(args.pairs)  # validates the manifests before any model loads
 
     # Models: the student trains; the teacher M0 and the text encoder are frozen and stay outside prepare.
     dtype = common.weight_dtype(args.mixed_precision)
@@ -221,6 +295,11 @@ def main(args):
     text_encoder.to(accelerator.device)
     noise_scheduler = common.noise_scheduler(args)
 
+    aside = common.start_stage(accelerator, args.output_dir, args,
+                               ["student", "checkpoint-*", "metrics.jsonl", "logs", "validation"])
+    if resume not in (None, "latest") and not os.path.isdir(resume) and aside:  # moved aside with the rest
+        resume = os.path.join(aside, os.path.relpath(resume, os.path.abspath(args.output_dir)))
+
     # Optimizer, data, schedule.
     lr = args.learning_rate
     if args.scale_lr:
@@ -237,21 +316,31 @@ def main(args):
     student, optimizer, loader, lr_scheduler = accelerator.prepare(student, optimizer, loader, lr_scheduler)
     updates_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
     num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
-    if accelerator.is_main_process and args.report_to != "none":
-        accelerator.init_trackers("vip", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
 
     # Resume: restore the state, then skip the batches this epoch has already seen.
     global_step, first_epoch, skip = 0, 0, 0
-    if args.resume_from_checkpoint:
-        path = latest_checkpoint(args.output_dir) if args.resume_from_checkpoint == "latest" else args.resume_from_checkpoint
-        if path is None:
-            accelerator.print("train: no checkpoint to resume from; starting fresh")
-        else:
-            accelerator.load_state(path)
-            global_step = int(path.rstrip("/").rsplit("-", 1)[1])
-            first_epoch = global_step // updates_per_epoch
-            skip = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
-            accelerator.print(f"train: resumed from {path} (step {global_step})")
+    path = latest_checkpoint(args.output_dir) if resume == "latest" else resume
+    if resume == "latest" and path is None:
+        accelerator.print("train: no checkpoint to resume from; starting fresh")
+    elif path is not None:
+        accelerator.load_state(path)
+        global_step = int(CHECKPOINT.fullmatch(os.path.basename(os.path.normpath(path))).group(1))
+        first_epoch = global_step // updates_per_epoch
+        skip = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
+        accelerator.print(f"train: resumed from {path} (step {global_step})")
+    log = None
+    if accelerator.is_main_process:
+        # The log holds the steps of this run's history only: what a killed run logged after its
+        # last checkpoint is dropped, in metrics.jsonl and (purge_step) in TensorBoard.
+        log = os.path.join(args.output_dir, "metrics.jsonl")
+        rows = open(log).read().splitlines() if os.path.exists(log) else []
+        kept = [r for r in rows if r.strip() and json.loads(r).get("step", 0) <= global_step]
+        common.atomic_write_text(log, "".join(r + "\n" for r in kept))
+        log = open(log, "a")
+        if args.report_to != "none":
+            accelerator.init_trackers("vip", config={k: v for k, v in vars(args).items()
+                                                     if isinstance(v, (int, float, str, bool))},
+                                      init_kwargs={"tensorboard": {"purge_step": global_step + 1}})
 
     accelerator.print(f"train: {len(dataset)} pairs, {args.max_train_steps} steps, effective batch "
                       f"{args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps} pairs, "
@@ -260,7 +349,6 @@ def main(args):
     validation_prompts = args.validation_prompts or [row["prompt"] for row in dataset.rows[:args.num_validation_videos]]
     validation_prompts, validation_pipe = validation_prompts[:args.num_validation_videos], None
     bar = tqdm(total=args.max_train_steps, initial=global_step, desc="train", disable=not accelerator.is_main_process)
-    log = open(os.path.join(args.output_dir, "metrics.jsonl"), "a") if accelerator.is_main_process else None
     for epoch in range(first_epoch, num_epochs):
         student.train()
         loader.set_epoch(epoch)  # the shuffle of epoch k is fixed by (seed, k), resumed or not
@@ -269,6 +357,8 @@ def main(args):
             epoch_loader = accelerator.skip_first_batches(loader, skip)
             epoch_loader.set_epoch(epoch)
         for batch in epoch_loader:
+            if global_step >= args.max_train_steps:  # before the update, so a resumed run never takes one more
+                break
             with accelerator.accumulate(student):
                 latents = batch["latents"]  # (2B, C, F, h, w): winners then losers
                 n, frames = latents.shape[0] // 2, latents.shape[2]
@@ -288,11 +378,8 @@ def main(args):
                 model_pred = student(noisy, timesteps, text).sample
                 loss, metrics = common.redpo_loss(model_pred, ref_pred, target, beta=args.beta, w_sft=args.w_sft,
                                                   loss_type=args.loss_type)
-                finite = accelerator.gather(torch.tensor([math.isfinite(metrics["loss"])], device=accelerator.device))
-                if not finite.all():
-                    last = latest_checkpoint(args.output_dir)
-                    sys.exit(f"train: non-finite loss ({metrics['loss']}) at step {global_step + 1}; last good "
-                             f"checkpoint: {last or 'none'}; try a lower --learning_rate or --beta, or --mixed_precision bf16")
+                check_finite(accelerator, args, math.isfinite(metrics["loss"]), f"loss ({metrics['loss']})",
+                             global_step + 1)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)
@@ -302,6 +389,9 @@ def main(args):
 
             if accelerator.sync_gradients:
                 global_step += 1
+                # The updated weights, before anything saves them: a checkpoint is always a good one.
+                check_finite(accelerator, args, bool(torch.stack([p.detach().isfinite().all() for p in params]).all()),
+                             "weights", global_step)
                 bar.update(1)
                 metrics["lr"] = lr_scheduler.get_last_lr()[0]
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
@@ -316,8 +406,6 @@ def main(args):
                     if validation_pipe is None:  # the frozen VAE and text encoder, loaded on first use
                         validation_pipe = common.load_pipeline(args, teacher, accelerator.device, dtype)
                     validate(accelerator, args, student, global_step, validation_prompts, validation_pipe)
-                if global_step >= args.max_train_steps:
-                    break
         if global_step >= args.max_train_steps:
             break
     bar.close()

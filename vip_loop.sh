@@ -14,6 +14,7 @@ set -euo pipefail
 
 usage() { echo "usage: bash vip_loop.sh MODEL STAGES [--offline]   (MODEL: a configs/<MODEL>.yaml)" >&2; exit 2; }
 [ $# -ge 2 ] || usage
+command="bash vip_loop.sh $*"
 model=$1 stages=$2 offline=0
 shift 2
 for arg in "$@"; do
@@ -23,12 +24,22 @@ for arg in "$@"; do
   esac
 done
 [[ $stages =~ ^[1-9][0-9]*$ ]] || { echo "error: STAGES must be a positive integer; got '$stages'" >&2; exit 2; }
+# MODEL names a config and the run folder under runs/: a name, never a path.
+[[ $model =~ ^[A-Za-z0-9_][A-Za-z0-9_.-]*$ ]] || { echo "error: MODEL must be a config name such as tiny (letters, digits, _ . -); got '$model'" >&2; exit 2; }
 cd "$(dirname "$0")"
 config=${CONFIG:-configs/$model.yaml}
 [ -f "$config" ] || { echo "error: $config: no such config; models: $(ls configs/*.yaml | xargs -n1 basename | sed 's/.yaml$//' | tr '\n' ' ')" >&2; exit 2; }
 suffix=$([ $offline = 1 ] && echo -offline || true)
 run=${RUN_DIR:-runs/$model$suffix}
 read -r -a launch <<< "${LAUNCH:-python}"
+# One loop per run folder: a second one on the same folder stops here, naming the first.
+mkdir -p "$run"
+if command -v flock >/dev/null; then
+  exec 9>>"$run/.lock"
+  flock -n 9 || { echo "error: $run: in use by $(cat "$run/.lock"); wait for it to finish or stop it" >&2; exit 2; }
+  : > "$run/.lock"
+  echo "pid $$ on $(hostname) ($command)" >&9
+fi
 
 student=()        # stage 1 prunes the full model M0
 students=()       # every student so far, for the evaluation table
@@ -50,7 +61,6 @@ for ((k = 1; k <= stages; k++)); do
 
   student=(--student "$stage/train/student")
   students+=("$stage/prune/student" "$stage/train/student")
-  list=$(IFS=,; echo "${students[*]}")
-  "${launch[@]}" evaluate.py --config "$config" --output_dir "$run/eval" --students "$list"
+  "${launch[@]}" evaluate.py --config "$config" --output_dir "$run/eval" --students "${students[@]}"
 done
 echo "== done: $run/eval/eval.md"

@@ -209,6 +209,15 @@ class WorldReward:
     themselves: at 16x16, H.264's half-resolution colour costs a rendered clip about 1.2 of visual
     quality, so an MP4 scores lower than the frames it was written from."""
 
+    aspects = ASPECTS
+
+    def unreadable(self, prompt):
+        try:
+            parse_prompt(prompt)
+        except ValueError as e:
+            return "is not a world prompt; " + str(e).split("; ", 1)[1]  # the world's reward reads only its grammar
+        return None
+
     def score(self, videos, prompts):
         import common
 

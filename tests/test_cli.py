@@ -61,7 +61,7 @@ def test_train_on_two_processes(fast_config, stage, tmp_path):
     out = tmp_path / "train 2"
     result = run_script(*LAUNCH2, *train_cmd(fast_config, stage, out, "--train_batch_size", "1")[1:], env=CPU)
     assert "effective batch 2 pairs" in result.stdout + result.stderr
-    assert sorted(os.listdir(out)) == ["checkpoint-2", "checkpoint-4", "config.yaml", "logs", "metrics.jsonl", "student"]
+    assert sorted(os.listdir(out)) == [".lock", "checkpoint-2", "checkpoint-4", "config.yaml", "logs", "metrics.jsonl", "student"]
     assert json.loads((out / "student" / "student.json").read_text())["steps"] == 4
 
 
@@ -161,7 +161,7 @@ def test_bad_input_is_one_line_and_writes_nothing(fast_config, stage, tmp_path):
     assert "pairs.jsonl:1: winner" in line and "is missing" in line
     (copy / row["winner"]).write_bytes(b"\x00" * 100)
     line = run_bad(*train_cmd(fast_config, stage, out, "--pairs", str(copy / "pairs.jsonl"))[1:])
-    assert "is not an MP4" in line
+    assert "is not a whole MP4" in line
 
     # a checkpoint whose base model does not match the config
     other = tmp_path / "other student"
