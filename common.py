@@ -625,23 +625,22 @@ def require_model(name, files, where, what, cache_dir=None, revision=None, large
 
 def check_models(args):
     """Every model the config names is there (or, with build_tiny, will be built at a local path)."""
-    model_files = {"unet/config.json", "vae/config.json", "text_encoder/config.json", "scheduler/scheduler_config.json",
-                   "tokenizer/tokenizer_config.json"}
+    model_files = ["unet/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer/tokenizer_config.json",
+                   "scheduler/scheduler_config.json"]
     hubs = {"cache_dir": args.cache_dir}
     if args.backend == "videocrafter2":
         base = args.pretrained_model_name_or_path
-        if args.build_tiny or os.path.exists(os.path.join(base, "videocrafter2.json")):
-            needed = []
-        else:
+        needed = [("pretrained_model_name_or_path", base, [], "", {})] if args.build_tiny else []
+        if not args.build_tiny and not os.path.exists(os.path.join(base, "videocrafter2.json")):
             if os.path.exists(base):
                 raise ConfigError(f"model.pretrained_model_name_or_path: {base} exists but holds no videocrafter2.json; "
                                   f"expected a folder written by `python videocrafter2.py convert` (or a new path)")
-            needed = [("checkpoint", args.checkpoint, [] if os.path.isfile(args.checkpoint) else ["model.ckpt"],
-                       "VideoCrafter2's model.ckpt", {"revision": args.revision, "large": ("model.ckpt",)})]
             import videocrafter2
-            needed.append(("tokenizer", videocrafter2.TOKENIZER, ["vocab.json", "merges.txt"], "a CLIP BPE tokenizer", {}))
+
+            videocrafter2.check_sources(args.checkpoint, videocrafter2.TOKENIZER, args.cache_dir, args.revision,
+                                        where="model.checkpoint")
     else:
-        needed = [("pretrained_model_name_or_path", args.pretrained_model_name_or_path, sorted(model_files),
+        needed = [("pretrained_model_name_or_path", args.pretrained_model_name_or_path, model_files,
                    "an SD1.5-layout folder (unet, vae, text_encoder, tokenizer, scheduler)", {"revision": args.revision}),
                   ("motion_adapter", args.motion_adapter, ["config.json"], "a diffusers MotionAdapter folder", {})]
     reward = getattr(args, "reward", None)  # train_redpo.py scores nothing
@@ -950,6 +949,10 @@ def read_student_meta(student):
     need = ("backend", "pretrained_model_name_or_path", "motion_adapter", "removed_blocks", "weights")
     if not isinstance(meta, dict) or any(k not in meta for k in need):
         raise ConfigError(f"{path}: expected a JSON object with keys {', '.join(need)}")
+    if not isinstance(meta["removed_blocks"], list) or not all(isinstance(b, str) for b in meta["removed_blocks"]):
+        raise ConfigError(f"{path}: 'removed_blocks' is {meta['removed_blocks']!r}; expected a list of block names")
+    if meta["weights"] not in ("motion_modules", "unet"):
+        raise ConfigError(f"{path}: 'weights' is {meta['weights']!r}; expected motion_modules or unet")
     return meta
 
 
@@ -1219,14 +1222,19 @@ def lock_folder(folder):
     ends, however it ends. A second run gets a ConfigError naming the holder."""
     import fcntl
     import socket
+    import time
 
     folder = os.path.abspath(folder)
     if folder in _LOCKS:
         return
     f = open(os.path.join(folder, ".lock"), "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    for attempt in range(50):  # a few seconds, in which a just-killed holder finishes exiting
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError:
+            time.sleep(0.1)
+    else:
         f.seek(0)
         holder = f.read().strip() or "another process"
         f.close()
@@ -1308,19 +1316,22 @@ def start_stage(accelerator, output_dir, args, results, work=(), work_ignores=()
 
 
 def run_items(items, work, out_path, accelerator, desc, batch_size=1):
-    """Resumable sharded work: this process takes items[rank::world] (dicts with a unique "id"),
-    skips those whose result file exists, and calls `work(chunk) -> [result]` on chunks of
-    `batch_size`. Each result lands in `out_path(id)` as JSON, atomically: the files are the
-    gather. Returns every item's result, on every process, once all processes are done."""
+    """Resumable sharded work: this process takes items[rank::world] (dicts with a unique "id") in
+    chunks of `batch_size`, skips chunks whose result files all exist, and calls `work(chunk) ->
+    [result]` on the others. Each result lands in `out_path(id)` as JSON, atomically: the files
+    are the gather. The chunks are the same however often the run was killed, so a resumed run
+    batches (and so computes, to the last bit) exactly what an uninterrupted one does. Returns
+    every item's result, on every process, once all processes are done."""
     from tqdm.auto import tqdm
 
     mine = items[accelerator.process_index::accelerator.num_processes]
-    todo = [it for it in mine if not os.path.exists(out_path(it["id"]))]
+    chunks = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+    todo = [c for c in chunks if not all(os.path.exists(out_path(it["id"])) for it in c)]
     done = sum(os.path.exists(out_path(it["id"])) for it in items)
     accelerator.print(f"{desc}: {len(items)} items on {accelerator.num_processes} process(es), {done} already done")
-    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=desc, disable=not accelerator.is_main_process)
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start:start + batch_size]
+    bar = tqdm(total=len(mine), initial=len(mine) - sum(map(len, todo)), desc=desc,
+               disable=not accelerator.is_main_process)
+    for chunk in todo:
         for it, result in zip(chunk, work(chunk), strict=True):
             atomic_write_json(out_path(it["id"]), result)
         bar.update(len(chunk))

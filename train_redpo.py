@@ -349,66 +349,68 @@ def main(args):
     validation_prompts = args.validation_prompts or [row["prompt"] for row in dataset.rows[:args.num_validation_videos]]
     validation_prompts, validation_pipe = validation_prompts[:args.num_validation_videos], None
     bar = tqdm(total=args.max_train_steps, initial=global_step, desc="train", disable=not accelerator.is_main_process)
-    for epoch in range(first_epoch, num_epochs):
-        student.train()
-        loader.set_epoch(epoch)  # the shuffle of epoch k is fixed by (seed, k), resumed or not
-        epoch_loader = loader
-        if epoch == first_epoch and skip:
-            epoch_loader = accelerator.skip_first_batches(loader, skip)
-            epoch_loader.set_epoch(epoch)
-        for batch in epoch_loader:
-            if global_step >= args.max_train_steps:  # before the update, so a resumed run never takes one more
-                break
-            with accelerator.accumulate(student):
-                latents = batch["latents"]  # (2B, C, F, h, w): winners then losers
-                n, frames = latents.shape[0] // 2, latents.shape[2]
-                # Noise and timesteps are a function of (seed, batch, process) alone, so a resumed run
-                # draws exactly what the uninterrupted one did, whatever the loaders consumed.
-                gen = torch.Generator().manual_seed(args.seed * 1_000_003 + micro_step * 1009 + accelerator.process_index)
-                micro_step += 1
-                noise = torch.randn(latents[:n].shape, generator=gen).to(latents).repeat(2, 1, 1, 1, 1)  # one per pair
-                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=gen)
-                timesteps = timesteps.to(latents.device).repeat(2)  # one timestep per pair
-                noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-                target = common.diffusion_target(noise_scheduler, latents, noise, timesteps)
-                with torch.no_grad():
-                    text = common.encode_prompts(text_encoder, tokenizer, batch["prompts"], accelerator.device)
-                    text = common.frame_text(teacher, text.repeat(2, 1, 1), frames)  # (2B[*F], 77, D)
-                    ref_pred = teacher(noisy.to(dtype), timesteps, text.to(dtype)).sample  # used by both terms
-                model_pred = student(noisy, timesteps, text).sample
-                loss, metrics = common.redpo_loss(model_pred, ref_pred, target, beta=args.beta, w_sft=args.w_sft,
-                                                  loss_type=args.loss_type)
-                check_finite(accelerator, args, math.isfinite(metrics["loss"]), f"loss ({metrics['loss']})",
-                             global_step + 1)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+    try:  # closed before any exit, so a stop's message is the last line
+        for epoch in range(first_epoch, num_epochs):
+            student.train()
+            loader.set_epoch(epoch)  # the shuffle of epoch k is fixed by (seed, k), resumed or not
+            epoch_loader = loader
+            if epoch == first_epoch and skip:
+                epoch_loader = accelerator.skip_first_batches(loader, skip)
+                epoch_loader.set_epoch(epoch)
+            for batch in epoch_loader:
+                if global_step >= args.max_train_steps:  # before the update, so a resumed run never takes one more
+                    break
+                with accelerator.accumulate(student):
+                    latents = batch["latents"]  # (2B, C, F, h, w): winners then losers
+                    n, frames = latents.shape[0] // 2, latents.shape[2]
+                    # Noise and timesteps are a function of (seed, batch, process) alone, so a resumed run
+                    # draws exactly what the uninterrupted one did, whatever the loaders consumed.
+                    gen = torch.Generator().manual_seed(args.seed * 1_000_003 + micro_step * 1009 + accelerator.process_index)
+                    micro_step += 1
+                    noise = torch.randn(latents[:n].shape, generator=gen).to(latents).repeat(2, 1, 1, 1, 1)  # one per pair
+                    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=gen)
+                    timesteps = timesteps.to(latents.device).repeat(2)  # one timestep per pair
+                    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+                    target = common.diffusion_target(noise_scheduler, latents, noise, timesteps)
+                    with torch.no_grad():
+                        text = common.encode_prompts(text_encoder, tokenizer, batch["prompts"], accelerator.device)
+                        text = common.frame_text(teacher, text.repeat(2, 1, 1), frames)  # (2B[*F], 77, D)
+                        ref_pred = teacher(noisy.to(dtype), timesteps, text.to(dtype)).sample  # used by both terms
+                    model_pred = student(noisy, timesteps, text).sample
+                    loss, metrics = common.redpo_loss(model_pred, ref_pred, target, beta=args.beta, w_sft=args.w_sft,
+                                                      loss_type=args.loss_type)
+                    check_finite(accelerator, args, math.isfinite(metrics["loss"]), f"loss ({metrics['loss']})",
+                                 global_step + 1)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
 
-            if accelerator.sync_gradients:
-                global_step += 1
-                # The updated weights, before anything saves them: a checkpoint is always a good one.
-                check_finite(accelerator, args, bool(torch.stack([p.detach().isfinite().all() for p in params]).all()),
-                             "weights", global_step)
-                bar.update(1)
-                metrics["lr"] = lr_scheduler.get_last_lr()[0]
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
-                if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
-                    accelerator.log(metrics, step=global_step)
-                    if log:
-                        log.write(json.dumps({"step": global_step, **metrics}) + "\n")
-                        log.flush()
-                if global_step % args.checkpointing_steps == 0:
-                    save_checkpoint(accelerator, args, global_step)
-                if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
-                    if validation_pipe is None:  # the frozen VAE and text encoder, loaded on first use
-                        validation_pipe = common.load_pipeline(args, teacher, accelerator.device, dtype)
-                    validate(accelerator, args, student, global_step, validation_prompts, validation_pipe)
-        if global_step >= args.max_train_steps:
-            break
-    bar.close()
+                if accelerator.sync_gradients:
+                    global_step += 1
+                    # The updated weights, before anything saves them: a checkpoint is always a good one.
+                    check_finite(accelerator, args, bool(torch.stack([p.detach().isfinite().all() for p in params]).all()),
+                                 "weights", global_step)
+                    bar.update(1)
+                    metrics["lr"] = lr_scheduler.get_last_lr()[0]
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
+                    if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
+                        accelerator.log(metrics, step=global_step)
+                        if log:
+                            log.write(json.dumps({"step": global_step, **metrics}) + "\n")
+                            log.flush()
+                    if global_step % args.checkpointing_steps == 0:
+                        save_checkpoint(accelerator, args, global_step)
+                    if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
+                        if validation_pipe is None:  # the frozen VAE and text encoder, loaded on first use
+                            validation_pipe = common.load_pipeline(args, teacher, accelerator.device, dtype)
+                        validate(accelerator, args, student, global_step, validation_prompts, validation_pipe)
+            if global_step >= args.max_train_steps:
+                break
+    finally:
+        bar.close()
 
     accelerator.wait_for_everyone()
     state = accelerator.get_state_dict(student)  # on every rank: FSDP gathers the shards here

@@ -310,6 +310,18 @@ def load_tokenizer(name, cache_dir=None):
                              f"a hub id or folder with OpenCLIP's BPE vocabulary, e.g. {TOKENIZER}")
 
 
+def check_sources(checkpoint, tokenizer, cache_dir=None, revision=None, where="--checkpoint"):
+    """Before converting: the checkpoint (a file, or a hub repo holding model.ckpt, located but not
+    fetched) and the tokenizer are there."""
+    import common
+
+    if not os.path.isfile(checkpoint):
+        common.require_model(checkpoint, ["model.ckpt"], where, "VideoCrafter2's model.ckpt (a file or a hub repo id)",
+                             cache_dir, revision, large=("model.ckpt",))
+    if isinstance(tokenizer, str) and not common.is_local_path(tokenizer):
+        common.require_model(tokenizer, ["vocab.json", "merges.txt"], "--tokenizer", "a CLIP BPE tokenizer", cache_dir)
+
+
 def scheduler_of():
     """VC2's DDIM settings as a diffusers scheduler config: SD's betas (lvdm's 'linear' is diffusers'
     scaled_linear), timesteps 1, 21, ..., 981 for 50 steps, the last step's previous alpha is
@@ -527,6 +539,7 @@ def parse_args(argv=None):
 
 
 def main(args):
+    check_sources(args.checkpoint, args.tokenizer, args.cache_dir, args.revision)
     out = convert(args.checkpoint, args.output_dir, args.tokenizer, cache_dir=args.cache_dir, revision=args.revision)
     print(f"VideoCrafter2 in diffusers' layout: {out}")
 

@@ -32,11 +32,12 @@ config=${CONFIG:-configs/$model.yaml}
 suffix=$([ $offline = 1 ] && echo -offline || true)
 run=${RUN_DIR:-runs/$model$suffix}
 read -r -a launch <<< "${LAUNCH:-python}"
-# One loop per run folder: a second one on the same folder stops here, naming the first.
+# One loop per run folder: a second one on the same folder stops here, naming the first (after
+# waiting a few seconds, in which a just-killed first one finishes exiting).
 mkdir -p "$run"
 if command -v flock >/dev/null; then
   exec 9>>"$run/.lock"
-  flock -n 9 || { echo "error: $run: in use by $(cat "$run/.lock"); wait for it to finish or stop it" >&2; exit 2; }
+  flock -w 5 9 || { echo "error: $run: in use by $(cat "$run/.lock"); wait for it to finish or stop it" >&2; exit 2; }
   : > "$run/.lock"
   echo "pid $$ on $(hostname) ($command)" >&9
 fi

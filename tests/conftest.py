@@ -68,6 +68,23 @@ def fast_config(tiny_dir, tiny_reward, tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def tiny_stage(fast_config, tmp_path_factory):
+    """A pruned student and its curated pairs (prune.py and curate.py run in-process), made once."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    import curate
+    import prune
+
+    root = tmp_path_factory.mktemp("tiny stage")
+    for script, extra in ((prune, []), (curate, ["--student", str(root / "prune" / "student"),
+                                                 "--ranking", str(root / "prune" / "ranking.json")])):
+        AcceleratorState._reset_state(True)
+        PartialState._reset_state()
+        script.main(script.parse_args(["--config", fast_config, "--output_dir", str(root / script.__name__), *extra]))
+    return root
+
+
 @pytest.fixture(autouse=True)
 def fresh_accelerator():
     """Accelerator state is a process-wide singleton: scripts called in-process each get a new one."""

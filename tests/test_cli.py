@@ -9,12 +9,9 @@ import time
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, PartialState
 from safetensors.torch import load_file
 
 import common
-import curate
-import prune
 from conftest import ROOT, run_script
 
 PY = sys.executable
@@ -26,16 +23,8 @@ CPU = {"ACCELERATE_USE_CPU": "1"}
 
 
 @pytest.fixture(scope="module")
-def stage(fast_config, tmp_path_factory):
-    """A pruned student and its curated pairs, made once, in-process."""
-    root = tmp_path_factory.mktemp("cli stage")
-    for script, extra in ((prune, []), (curate, ["--student", str(root / "prune" / "student"),
-                                                 "--ranking", str(root / "prune" / "ranking.json")])):
-        AcceleratorState._reset_state(True)
-        PartialState._reset_state()
-        name = script.__name__
-        script.main(script.parse_args(["--config", fast_config, "--output_dir", str(root / name), *extra]))
-    return root
+def stage(tiny_stage):
+    return tiny_stage
 
 
 def train_cmd(fast_config, stage, out, *extra):
