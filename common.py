@@ -216,10 +216,10 @@ def save_config(args, path):
 def run_main(main, parse_args):
     """Entry point: bad input is one line on stderr and exit status 2, not a traceback; so is a full
     disk, after which a rerun resumes (every artifact is written whole or not at all)."""
-    import errno
-
+    args = None
     try:
-        main(parse_args())
+        args = parse_args()
+        main(args)
     except ConfigError as e:
         message = str(e)
         if "\nOriginal Traceback" in message:  # raised in a data loader worker: its last line is the error
@@ -227,12 +227,27 @@ def run_main(main, parse_args):
         if os.environ.get("RANK", "0") == "0":  # every process raises it; one says it
             print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except Exception as e:
+        if not disk_full(e):
             raise
-        print(f"error: {e.filename or 'a file'}: no space left on the device; free some and rerun the same "
-              f"command: finished work is kept and resumed", file=sys.stderr)
+        where = getattr(e, "filename", None) or getattr(args, "output_dir", None) or "the output folder"
+        print(f"error: {where}: no space left on the device; free some and rerun the same command: "
+              f"finished work is kept and resumed", file=sys.stderr)
         sys.exit(2)
+
+
+def disk_full(error):
+    """Whether `error` (or what caused it) is a full disk: an OSError, or the messages safetensors
+    and torch.save give for one (torch's zip writer reports a short write as 'unexpected pos')."""
+    import errno
+
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(s in str(error) for s in ("No space left on device", "os error 28", "unexpected pos")):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 # -----------------------------------------------------------------------------
@@ -1331,11 +1346,13 @@ def run_items(items, work, out_path, accelerator, desc, batch_size=1):
     accelerator.print(f"{desc}: {len(items)} items on {accelerator.num_processes} process(es), {done} already done")
     bar = tqdm(total=len(mine), initial=len(mine) - sum(map(len, todo)), desc=desc,
                disable=not accelerator.is_main_process)
-    for chunk in todo:
-        for it, result in zip(chunk, work(chunk), strict=True):
-            atomic_write_json(out_path(it["id"]), result)
-        bar.update(len(chunk))
-    bar.close()
+    try:
+        for chunk in todo:
+            for it, result in zip(chunk, work(chunk), strict=True):
+                atomic_write_json(out_path(it["id"]), result)
+            bar.update(len(chunk))
+    finally:  # before any error's message, so that it is the last line
+        bar.close()
     accelerator.wait_for_everyone()
     return [json.loads(Path(out_path(it["id"])).read_text()) for it in items]
 

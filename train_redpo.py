@@ -201,6 +201,14 @@ def save_checkpoint(accelerator, args, step):
     return final
 
 
+def logged_step(line):
+    """The step of a metrics.jsonl line; a line cut short by a kill or a full disk counts as unlogged."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 def check_finite(accelerator, args, ok, what, step):
     """Stop, on every process at once, when the loss or the updated weights are not finite; the
     newest checkpoint was checked before it was saved, so it is named as the one to go on from."""
@@ -333,8 +341,7 @@ def main(args):
         # The log holds the steps of this run's history only: what a killed run logged after its
         # last checkpoint is dropped, in metrics.jsonl and (purge_step) in TensorBoard.
         log = os.path.join(args.output_dir, "metrics.jsonl")
-        rows = open(log).read().splitlines() if os.path.exists(log) else []
-        kept = [r for r in rows if r.strip() and json.loads(r).get("step", 0) <= global_step]
+        kept = [r for r in (open(log).read().splitlines() if os.path.exists(log) else []) if logged_step(r) <= global_step]
         common.atomic_write_text(log, "".join(r + "\n" for r in kept))
         log = open(log, "a")
         if args.report_to != "none":

@@ -354,3 +354,45 @@ def test_vip_loop_refuses_a_model_that_is_a_path(tmp_path):
     result = subprocess.run(["bash", "vip_loop.sh", "../x", "1"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2 and "MODEL must be a config name" in result.stderr
     assert not (ROOT / "x").exists()
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A tmpfs of a few kilobytes to fill up, grown with grow(size); skips where mounting is not allowed."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+
+    def grow(size):
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(mount)], check=True)
+
+    yield mount, grow
+    subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_a_full_disk_is_one_line_and_the_rerun_ends_as_an_uninterrupted_run(
+        small_disk, fast_config, tiny_stage, pairs3, whole):
+    disk, grow = small_disk
+    # Curation into a disk too small for its videos, then with room enough.
+    out = disk / "curate"
+    argv = ["--config", fast_config, "--output_dir", out, "--student", tiny_stage / "prune" / "student",
+            "--ranking", tiny_stage / "prune" / "ranking.json"]
+    line = one_line_error(run_with_fault("curate", argv))
+    assert "no space left on the device" in line and "rerun the same command" in line
+    grow("4m")
+    assert run_with_fault("curate", argv).returncode == 0
+    assert (out / "candidates.jsonl").read_text().replace(str(out), "") == \
+        (tiny_stage / "curate" / "candidates.jsonl").read_text().replace(str(tiny_stage / "curate"), "")
+
+    # A checkpoint save that fills the disk (each is about 12 MB here), then with room enough.
+    grow("20m")
+    out = disk / "train"
+    argv = train_argv(fast_config, tiny_stage, pairs3, out)
+    line = one_line_error(run_with_fault("train_redpo", argv))
+    assert "no space left on the device" in line
+    assert list(out.glob("checkpoint-*")) and not (out / "student").exists()
+    grow("64m")
+    result = run_with_fault("train_redpo", argv)
+    assert result.returncode == 0 and "resumed from" in result.stdout
+    assert same_student(out, whole) and (out / "metrics.jsonl").read_text() == (whole / "metrics.jsonl").read_text()

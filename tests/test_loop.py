@@ -71,7 +71,7 @@ def count(folder):
 
 
 def test_killed_loop_finishes_like_an_uninterrupted_run(loop_config, offline_run, tmp_path):
-    run = tmp_path / "killed run"
+    run = tmp_path / "killed run, #1"  # a comma (--students) and " #" (a YAML comment) in every path
     s1 = run / "stage_1"
     cmd, env = loop(loop_config, run, "1")
     run_until(cmd, env, lambda: count(s1 / "prune" / "scan") >= 5)                      # mid-prune

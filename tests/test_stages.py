@@ -59,6 +59,7 @@ def test_prune_by_parameter_budget_and_candidates(fast_config, tmp_path):
     assert sorted(c["name"] for c in r["candidates"]) == sorted(ups)
     removed = sum(c["params"] for c in r["candidates"] if c["name"] in r["chosen"])
     assert removed >= 100000 and removed - r["candidates"][len(r["chosen"]) - 1]["params"] < 100000
+    assert r["motion_parameters"]["before"] - r["motion_parameters"]["after"] == removed  # all modules, not the candidates'
 
     # a budget in the config gives way to --num_blocks on the command line, and the config beside
     # the output says which one decided
