@@ -25,9 +25,13 @@ import re
 
 import torch
 from accelerate import Accelerator
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import common
+import models
+import rewards
+import stage
 
 OPTIONS = {
     "output_dir": (None, "where pairs.jsonl, videos/ and latents/ go"),
@@ -69,7 +73,7 @@ KEYWORDS = {
 
 
 def parse_args(argv=None):
-    return common.parse_config(argv, __doc__, {"model": common.MODEL_OPTIONS, "reward": common.REWARD_OPTIONS,
+    return stage.parse_config(argv, __doc__, {"model": stage.MODEL_OPTIONS, "reward": rewards.OPTIONS,
                                                "curate": OPTIONS})
 
 
@@ -118,7 +122,7 @@ def target_aspects(args):
 
 def select_prompts(args, targets, device):
     """Length filter, then the relevance filter; each says how many it removed."""
-    prompts = common.read_prompts(args.curation_prompts)
+    prompts = stage.read_prompts(args.curation_prompts)
     sized = [p for p in prompts if args.min_words <= len(p.split()) <= args.max_words]
     if not sized:
         raise common.ConfigError(f"{args.curation_prompts}: no prompt of {args.min_words}-{args.max_words} words "
@@ -214,11 +218,12 @@ def main(args):
         raise common.ConfigError(f"curate.min_words ({args.min_words}) is above curate.max_words ({args.max_words})")
     # Inputs first: nothing in the output folder is touched until they are all good.
     targets = target_aspects(args)
-    common.read_student_meta(args.student)
-    common.check_models(args)
+    models.read_student_meta(args.student)
+    backend = stage.backend_of(args)
+    stage.check_models(args, backend.required_models(args) + rewards.required_models(args))
     accelerator = Accelerator()
     out = args.output_dir
-    if common.stage_done(out, args, "pairs.jsonl"):
+    if stage.stage_done(out, args, "pairs.jsonl"):
         accelerator.print(f"curate: {out}/pairs.jsonl is done with this config; skipping")
         return
     with accelerator.main_process_first():
@@ -228,25 +233,23 @@ def main(args):
 
     # Teacher M0 makes the winners, the current student the losers; they share VAE and text encoder.
     dtype = common.weight_dtype(args.mixed_precision)
-    student = common.load_pipeline(args, common.load_unet(args, student=args.student, dtype=dtype),
+    student = backend.load_pipeline(args, models.load_model(backend, args, student=args.student, dtype=dtype),
                                    device=accelerator.device, dtype=dtype)
-    teacher = common.with_unet(student, common.load_unet(args, dtype=dtype).to(accelerator.device))
-    reward = common.load_reward(args, device=accelerator.device)
+    teacher = backend.with_denoiser(student, models.load_model(backend, args, dtype=dtype).to(accelerator.device))
+    reward = rewards.load_reward(args, device=accelerator.device)
     if set(targets) - set(reward.aspects):
         raise common.ConfigError(f"curate: target aspects {', '.join(targets)}: reward {args.reward} scores only "
                                  f"{', '.join(reward.aspects)}")
-    common.check_prompts(reward, prompts, args.curation_prompts)
-    common.start_stage(accelerator, out, args, ["pairs.jsonl", "candidates.jsonl", "prompts.txt", "items", "videos",
+    rewards.check_prompts(reward, prompts, args.curation_prompts)
+    stage.start_stage(accelerator, out, args, ["pairs.jsonl", "candidates.jsonl", "prompts.txt", "items", "videos",
                                                 "latents"])
     if accelerator.is_main_process:
         common.atomic_write_text(os.path.join(out, "prompts.txt"), "\n".join(prompts) + "\n")
 
     def work(chunk):
-        from safetensors.torch import save_file
-
         prompts_, seeds = [c["prompt"] for c in chunk], [c["seed"] for c in chunk]
-        winners, w_latents = common.generate(teacher, prompts_, seeds, args, return_latents=True)
-        losers, l_latents = common.generate(student, prompts_, seeds, args, return_latents=True)
+        winners, w_latents = backend.generate(teacher, prompts_, seeds, args, return_latents=True)
+        losers, l_latents = backend.generate(student, prompts_, seeds, args, return_latents=True)
         w_scores, l_scores = reward.score(list(winners), prompts_), reward.score(list(losers), prompts_)
         rows = []
         for k, c in enumerate(chunk):
@@ -260,7 +263,7 @@ def main(args):
             rows.append(row)
         return rows
 
-    rows = common.run_items(items, work, lambda i: os.path.join(out, "items", f"{i}.json"), accelerator,
+    rows = stage.run_items(items, work, lambda i: os.path.join(out, "items", f"{i}.json"), accelerator,
                             desc="curate: pairs", batch_size=args.generation_batch_size)
 
     # Every process judges the same results, so all of them stop together on zero pairs.

@@ -16,14 +16,22 @@ by side for the same prompts and seeds), videos/<model>/ (every evaluated video)
 """
 
 import hashlib
+import html
 import os
 import re
 import time
 
+import matplotlib
 import torch
 from accelerate import Accelerator
 
+matplotlib.use("Agg")  # files only, no display; before pyplot is imported
+import matplotlib.pyplot as plt  # noqa: E402
+
 import common
+import models
+import rewards
+import stage
 
 OPTIONS = {
     "output_dir": (None, "where eval.json, eval.md and the videos go"),
@@ -41,16 +49,17 @@ ASPECT_TITLES = {"visual_quality": "Visual Quality", "temporal_consistency": "Te
 
 
 def parse_args(argv=None):
-    return common.parse_config(argv, __doc__, {"model": common.MODEL_OPTIONS, "reward": common.REWARD_OPTIONS,
+    return stage.parse_config(argv, __doc__, {"model": stage.MODEL_OPTIONS, "reward": rewards.OPTIONS,
                                                "eval": OPTIONS})
 
 
 def model_key(path):
-    """A cache key that changes when the student folder is rewritten with other contents."""
+    """A cache key that changes when the student folder is rewritten with other contents; the same
+    folder reached through a symlink is the same student."""
     if path is None:
         return "teacher"
     digest = hashlib.sha1(open(os.path.join(path, "student.json"), "rb").read()).hexdigest()[:8]
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", os.path.normpath(path)).strip("-")[-60:] + "-" + digest
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", os.path.realpath(path)).strip("-")[-60:] + "-" + digest
 
 
 def label(path):
@@ -60,24 +69,23 @@ def label(path):
     return "/".join(parts[-3:-1]) if len(parts) >= 3 else path  # e.g. stage_2/train
 
 
-def measure_latency(pipe, args, runs, prompt):
+def measure_latency(backend, pipe, args, runs, prompt):
     """Median wall time of generating one video (all steps, guidance, decoding)."""
     sync = torch.cuda.synchronize if pipe.device.type == "cuda" else (lambda: None)
     times = []
     for i in range(runs + 1):
         sync()
         start = time.perf_counter()
-        common.generate(pipe, [prompt], [i], args)
+        backend.generate(pipe, [prompt], [i], args)
         sync()
         times.append(time.perf_counter() - start)
     return sorted(times[1:])[len(times[1:]) // 2]
 
 
-def table(models, aspects, blocks="Motion params"):
-    head = ["Model"] + [ASPECT_TITLES[a] for a in aspects] + ["Average", blocks, "UNet params",
-                                                             "GFLOPs/step", "Latency (s)"]
+def table(entries, aspects, blocks="Motion params", denoiser="UNet params"):
+    head = ["Model"] + [ASPECT_TITLES[a] for a in aspects] + ["Average", blocks, denoiser, "GFLOPs/step", "Latency (s)"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for m in models:
+    for m in entries:
         rows.append("| " + " | ".join([m["label"]] + [f"{m['scores'][a]:.3f}" for a in aspects] + [
             f"{m['average']:.3f}", f"{m['motion_parameters'] / 1e6:.3f}M", f"{m['unet_parameters'] / 1e6:.2f}M",
             f"{m['flops_per_step'] / 1e9:.2f}", f"{m['latency_s']:.3f}"]) + " |")
@@ -86,19 +94,13 @@ def table(models, aspects, blocks="Motion params"):
 
 def write_report(out, report, md, side_by_side=4):
     """report.html in `out`, beside the files it shows: the table, aspects.png (each aspect across
-    the models, in the loop's order) and, for the first prompts, every model's video of the same
+    the entries, in the loop's order) and, for the first prompts, every model's video of the same
     prompt and (first) seed in one row."""
-    import html
-
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    models, aspects = report["models"], report["aspects"]
+    entries, aspects = report["models"], report["aspects"]
     fig, ax = plt.subplots(figsize=(8, 3.6))
     for a in aspects:
-        ax.plot(range(len(models)), [m["scores"][a] for m in models], marker="o", label=ASPECT_TITLES.get(a, a))
-    ax.set_xticks(range(len(models)), [m["label"] for m in models], rotation=20, ha="right")
+        ax.plot(range(len(entries)), [m["scores"][a] for m in entries], marker="o", label=ASPECT_TITLES.get(a, a))
+    ax.set_xticks(range(len(entries)), [m["label"] for m in entries], rotation=20, ha="right")
     ax.set_ylabel("score"), ax.grid(alpha=0.3), ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     with common.atomic_path(os.path.join(out, "aspects.png")) as tmp:
@@ -115,13 +117,13 @@ def write_report(out, report, md, side_by_side=4):
         elif tables or block.startswith("Each"):
             tables.append(f"<p>{html.escape(block)}</p>")
     table = "\n".join(tables)
-    header = "<tr><th>prompt, seed</th>" + "".join(f"<th>{html.escape(m['label'])}</th>" for m in models) + "</tr>"
+    header = "<tr><th>prompt, seed</th>" + "".join(f"<th>{html.escape(m['label'])}</th>" for m in entries) + "</tr>"
     rows = []
     prompts = [item.rsplit(" (seed", 1)[0] for item in report["items"]]
     firsts = [q for q in range(len(prompts)) if q == 0 or prompts[q] != prompts[q - 1]]  # one video per prompt
     for q in firsts[:side_by_side]:
         videos = "".join(f'<td><video src="{html.escape(m["videos"][q])}" autoplay loop muted playsinline></video></td>'
-                         for m in models)
+                         for m in entries)
         rows.append(f"<tr><td class=p>{html.escape(report['items'][q])}</td>{videos}</tr>")
     intro = html.escape(md.split("\n\n")[1]) if "\n\n" in md else ""
     page = f"""<!doctype html>
@@ -141,25 +143,14 @@ video{{width:160px;image-rendering:pixelated;background:#000}} p{{max-width:900p
     common.atomic_write_text(os.path.join(out, "report.html"), page)
 
 
-def reward_label(args):
-    """What the table says it scored with: never a real model's name for a random tiny one."""
-    names = {"world": "world (exact)", "features": "features (weight-free)"}
-    if args.reward in names:
-        return names[args.reward]
-    learned = args.ensemble_with if args.reward == "ensemble" else "videoscore"
-    name = names.get(learned) or (f"random tiny VideoScore ({args.reward_model}; its scores mean nothing)"
-                                  if common.is_tiny(args.reward_model) else args.reward_model)
-    return f"mean of {name} and features (weight-free)" if args.reward == "ensemble" else name
-
-
-def features_table(models):
+def features_table(entries):
     """The weight-free features (features.py) of each model, and the learned reward's part of an ensemble."""
-    parts = [k for k in models[0]["scores"] if "/" in k]
+    parts = [k for k in entries[0]["scores"] if "/" in k]
     if not parts:
         return ""
     head = ["Model"] + [f"{ASPECT_TITLES.get(k.split('/')[0], k)} ({k.split('/')[1]})" for k in parts]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    rows += ["| " + " | ".join([m["label"]] + [f"{m['scores'][k]:.3f}" for k in parts]) + " |" for m in models]
+    rows += ["| " + " | ".join([m["label"]] + [f"{m['scores'][k]:.3f}" for k in parts]) + " |" for m in entries]
     return "\nEach reward on its own (features: weight-free, features.py):\n\n" + "\n".join(rows) + "\n"
 
 
@@ -168,26 +159,25 @@ def main(args):
         raise common.ConfigError("--output_dir is required (eval.output_dir in the config)")
     # Inputs first: nothing in the output folder is touched until they are all good.
     for s in args.students:
-        common.read_student_meta(s)
-    prompts = common.read_prompts(args.eval_prompts)[: args.num_eval_prompts]
-    common.check_models(args)
+        models.read_student_meta(s)
+    prompts = stage.read_prompts(args.eval_prompts)[: args.num_eval_prompts]
+    backend = stage.backend_of(args)
+    stage.check_models(args, backend.required_models(args) + rewards.required_models(args))
     accelerator = Accelerator()
     out = args.output_dir
-    if common.stage_done(out, args, "eval.json"):
+    if stage.stage_done(out, args, "eval.json"):
         accelerator.print(f"evaluate: {out}/eval.json is done with this config; skipping")
         return
     dtype = common.weight_dtype(args.mixed_precision)
-    reward = common.load_reward(args, device=accelerator.device)
-    common.check_prompts(reward, prompts, args.eval_prompts)
-    import features
-
+    reward = rewards.load_reward(args, device=accelerator.device)
+    rewards.check_prompts(reward, prompts, args.eval_prompts)
     # The weight-free features are reported beside any learned reward (the ensemble scores them itself).
-    second = features.FeatureReward() if args.reward in ("videoscore", "world") else None
+    second = rewards.beside(args)
     paths = [None] + list(args.students)
-    unets = {model_key(p): common.load_unet(args, student=p, dtype=dtype).to(accelerator.device) for p in paths}
-    pipe = common.load_pipeline(args, unets["teacher"], device=accelerator.device, dtype=dtype)
-    pipes = {k: pipe if k == "teacher" else common.with_unet(pipe, u) for k, u in unets.items()}
-    common.start_stage(accelerator, out, args, ["eval.json", "eval.md", "report.html", "aspects.png", "items", "videos"],
+    unets = {model_key(p): models.load_model(backend, args, student=p, dtype=dtype).to(accelerator.device) for p in paths}
+    pipe = backend.load_pipeline(args, unets["teacher"], device=accelerator.device, dtype=dtype)
+    pipes = {k: pipe if k == "teacher" else backend.with_denoiser(pipe, u) for k, u in unets.items()}
+    stage.start_stage(accelerator, out, args, ["eval.json", "eval.md", "report.html", "aspects.png", "items", "videos"],
                        work=["items", "videos"], work_ignores=["students"], final="eval.json")
 
     n = args.videos_per_prompt
@@ -198,7 +188,7 @@ def main(args):
         results = {}
         for k in dict.fromkeys(c["model"] for c in chunk):
             group = [c for c in chunk if c["model"] == k]
-            frames = common.generate(pipes[k], [c["prompt"] for c in group], [c["seed"] for c in group], args)
+            frames = backend.generate(pipes[k], [c["prompt"] for c in group], [c["seed"] for c in group], args)
             scores = reward.score(list(frames), [c["prompt"] for c in group])
             if second is not None:
                 scores = [{**s, **{f"{a}/features": v for a, v in t.items()}} for s, t in
@@ -210,36 +200,34 @@ def main(args):
         return [results[c["id"]] for c in chunk]
 
     # Results live in a cache beside the table, keyed by model: a later call with more students reuses them.
-    results = common.run_items(items, work, lambda i: os.path.join(out, "items", f"{i}.json"), accelerator,
+    results = stage.run_items(items, work, lambda i: os.path.join(out, "items", f"{i}.json"), accelerator,
                                desc="evaluate", batch_size=args.generation_batch_size)
 
     if accelerator.is_main_process:
-        models = []
+        entries = []
         for path, (k, unet) in zip(paths, unets.items()):
             mine = [r for r in results if r["model"] == k]
             scores = {a: sum(r["scores"][a] for r in mine) / len(mine) for a in mine[0]["scores"]}
-            models.append({
+            entries.append({
                 "label": label(path), "path": path or "M0", "key": k, "scores": scores,
                 "average": sum(scores[a] for a in args.aspects) / len(args.aspects),
-                "motion_parameters": common.motion_parameters(unet), "unet_parameters": common.count_parameters(unet),
-                "flops_per_step": common.count_flops(unet, args.num_frames, args.height, args.width),
-                "latency_s": measure_latency(pipes[k], args, args.latency_runs, prompts[0]),
+                "motion_parameters": models.block_parameters(backend, unet), "unet_parameters": models.count_parameters(unet),
+                "flops_per_step": models.count_flops(backend, unet, args.num_frames, args.height, args.width),
+                "latency_s": measure_latency(backend, pipes[k], args, args.latency_runs, prompts[0]),
                 "videos": [r["video"] for r in mine],
             })
         report = {"aspects": list(args.aspects), "prompts": args.eval_prompts, "num_prompts": len(prompts),
-                  "device": str(accelerator.device), "models": models,
+                  "device": str(accelerator.device), "models": entries,
                   "items": [f"{r['prompt']} (seed {r['seed']})" for r in results if r["model"] == "teacher"]}
-        reward_name = reward_label(args)
-        vc2 = args.backend == "videocrafter2"  # its candidates are blocks of every kind; the paper counts the UNet
-        blocks = ("of the prunable blocks and of the whole UNet (the paper's count)" if vc2 else
-                  "of the motion modules (the paper's count) and of the whole UNet")
+        names = backend.TABLE
         md = (f"# Evaluation on {len(prompts)} held-out prompts ({args.eval_prompts})\n\n"
-              f"Reward: {reward_name}; average over {', '.join(args.aspects)}; parameters {blocks}; "
-              f"FLOPs of one UNet call for one video "
+              f"Reward: {rewards.label(args)}; average over {', '.join(args.aspects)}; parameters of "
+              f"{names['blocks_are']} and of the whole {names['denoiser']}; "
+              f"FLOPs of one {names['denoiser']} call for one video "
               f"({args.num_frames} frames, {args.height}x{args.width}); latency: one video, "
               f"{args.num_inference_steps} steps with guidance, median of {args.latency_runs}, on {accelerator.device}.\n\n"
-              + table(models, args.aspects, "Block params" if vc2 else "Motion params")
-              + features_table(models))
+              + table(entries, args.aspects, names["blocks"], names["denoiser"] + " params")
+              + features_table(entries))
         common.atomic_write_text(os.path.join(out, "eval.md"), md)
         write_report(out, report, md)
         common.atomic_write_json(os.path.join(out, "eval.json"), report)  # last: marks the evaluation done

@@ -17,6 +17,8 @@ import os
 import cv2
 import numpy as np
 
+import common
+
 ASPECTS = ("visual_quality", "temporal_consistency", "dynamic_degree")
 # Where each statistic reaches the middle of the scale (2.5): calibrated so that sharp rendered
 # clips score near 4 and a 1.5-pixel blur, a 20% flicker or a frozen clip lose at least one point.
@@ -86,8 +88,6 @@ def score_clip(frames):
 
 
 def _frames(video):
-    import common
-
     return common.read_video(video) if isinstance(video, (str, os.PathLike)) else np.asarray(video)
 
 

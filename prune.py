@@ -19,6 +19,9 @@ import os
 from accelerate import Accelerator
 
 import common
+import models
+import rewards
+import stage
 
 OPTIONS = {
     "output_dir": (None, "where ranking.json and the pruned student go"),
@@ -26,7 +29,8 @@ OPTIONS = {
     "prune_prompts": ("configs/prompts/curation.txt", "prompts of the block scan (the first --num_prune_prompts)"),
     "num_prune_prompts": (16, "prompts per candidate block", {"min": 1}),
     "candidates": ([], "block names to consider (default: every motion module still present)"),
-    "num_blocks": (1, "blocks removed this stage", {"min": 1}),
+    "num_blocks": (1, "blocks removed this stage; several numbers: one a stage (the last one for later stages)",
+                   {"type": "per_stage", "min": 1}),
     "prune_params": (None, "instead of --num_blocks: remove the best-ranked blocks until at least this many "
                            "motion-module parameters are gone", {"type": int, "min": 1}),
     "seed": (0, "video i uses seed + i, the same for every candidate", {"min": 0}),
@@ -34,7 +38,7 @@ OPTIONS = {
 
 
 def parse_args(argv=None):
-    return common.parse_config(argv, __doc__, {"model": common.MODEL_OPTIONS, "reward": common.REWARD_OPTIONS,
+    return stage.parse_config(argv, __doc__, {"model": stage.MODEL_OPTIONS, "reward": rewards.OPTIONS,
                                                "prune": OPTIONS})
 
 
@@ -56,32 +60,40 @@ def choose_blocks(candidates, num_blocks, prune_params):
     return chosen
 
 
+def blocks_this_stage(num_blocks, student):
+    """num_blocks, or its entry for this stage: the student's stage (models.stage_of) plus one."""
+    if isinstance(num_blocks, int):
+        return num_blocks
+    return num_blocks[min(models.stage_of(student), len(num_blocks) - 1)]
+
+
 def main(args):
     if args.output_dir is None:
         raise common.ConfigError("--output_dir is required (prune.output_dir in the config)")
     if "num_blocks" in getattr(args, "_cli", ()) and "prune_params" not in args._cli:
         args.prune_params = None  # --num_blocks on the command line beats a budget in the config
     # Inputs first: nothing in the output folder is touched until they are all good.
-    prompts = common.read_prompts(args.prune_prompts)[: args.num_prune_prompts]
+    prompts = stage.read_prompts(args.prune_prompts)[: args.num_prune_prompts]
     if args.student is not None:
-        common.read_student_meta(args.student)
-    common.check_models(args)
+        models.read_student_meta(args.student)
+    backend = stage.backend_of(args)
+    stage.check_models(args, backend.required_models(args) + rewards.required_models(args))
     accelerator = Accelerator()
-    if common.stage_done(args.output_dir, args, "ranking.json"):
+    if stage.stage_done(args.output_dir, args, "ranking.json"):
         accelerator.print(f"prune: {args.output_dir}/ranking.json is done with this config; skipping")
         return
     aspects = args.aspects
     dtype = common.weight_dtype(args.mixed_precision)
 
     # The student to prune and, from stage 2 on, the teacher M0 it is compared with.
-    unet = common.load_unet(args, student=args.student, dtype=dtype)
-    pipe = common.load_pipeline(args, unet, device=accelerator.device, dtype=dtype)
+    unet = models.load_model(backend, args, student=args.student, dtype=dtype)
+    pipe = backend.load_pipeline(args, unet, device=accelerator.device, dtype=dtype)
     pipes = {"student": pipe}
     if args.student is not None:
-        pipes["teacher"] = common.with_unet(pipe, common.load_unet(args, dtype=dtype).to(accelerator.device))
-    reward = common.load_reward(args, device=accelerator.device)
-    common.check_prompts(reward, prompts, args.prune_prompts)
-    blocks = common.list_blocks(unet)
+        pipes["teacher"] = backend.with_denoiser(pipe, models.load_model(backend, args, dtype=dtype).to(accelerator.device))
+    reward = rewards.load_reward(args, device=accelerator.device)
+    rewards.check_prompts(reward, prompts, args.prune_prompts)
+    blocks = models.list_blocks(backend, unet)
     if args.candidates:
         present = [b["name"] for b in blocks]
         for name in args.candidates:
@@ -92,9 +104,9 @@ def main(args):
     block_names = {b["name"] for b in blocks}
     if not blocks:
         raise common.ConfigError(f"{args.student}: every block is already removed; nothing left to prune")
-    motion_before = common.motion_parameters(unet)
+    motion_before = models.block_parameters(backend, unet)
     scan_dir = os.path.join(args.output_dir, "scan")
-    common.start_stage(accelerator, args.output_dir, args, ["ranking.json", "ranking.md", "scan", "student"])
+    stage.start_stage(accelerator, args.output_dir, args, ["ranking.json", "ranking.md", "scan", "student"])
 
     def scan(variants, phase):
         items = [{"id": f"{v}__{i:04d}", "variant": v, "prompt": p, "seed": args.seed + i}
@@ -105,14 +117,14 @@ def main(args):
             for v in dict.fromkeys(c["variant"] for c in chunk):  # a shard may mix variants
                 group = [c for c in chunk if c["variant"] == v]
                 names = [v] if v in block_names else chosen if v == "pruned" else []
-                with common.blocks_removed(unet, names):
-                    frames = common.generate(pipes.get(v, pipe), [c["prompt"] for c in group],
+                with models.blocks_removed(backend, unet, names):
+                    frames = backend.generate(pipes.get(v, pipe), [c["prompt"] for c in group],
                                              [c["seed"] for c in group], args)
                 for c, s in zip(group, reward.score(list(frames), [c["prompt"] for c in group])):
                     results[c["id"]] = {"variant": v, "prompt": c["prompt"], "seed": c["seed"], "scores": s}
             return [results[c["id"]] for c in chunk]
 
-        results = common.run_items(items, work, lambda i: os.path.join(scan_dir, f"{i}.json"), accelerator,
+        results = stage.run_items(items, work, lambda i: os.path.join(scan_dir, f"{i}.json"), accelerator,
                                    desc=f"prune: {phase}", batch_size=args.generation_batch_size)
         return {v: mean_scores([r for r in results if r["variant"] == v], aspects) for v in variants}
 
@@ -123,7 +135,7 @@ def main(args):
     for b in blocks:
         delta = {a: means[b["name"]][a] - base[a] for a in aspects}
         candidates.append({**b, "scores": means[b["name"]], "delta": delta, "cost": -sum(delta.values()) / len(aspects)})
-    chosen = choose_blocks(candidates, args.num_blocks, args.prune_params)
+    chosen = choose_blocks(candidates, blocks_this_stage(args.num_blocks, args.student), args.prune_params)
     pruned = means[chosen[0]] if len(chosen) == 1 else scan(["pruned"], "pruned student")["pruned"]
 
     # Targets: what the pruned student now does worse than the teacher.
@@ -133,14 +145,16 @@ def main(args):
         targets, reason = list(aspects), "the pruned student is not below the teacher on any aspect: all aspects"
 
     if accelerator.is_main_process:
-        common.remove_blocks(unet, chosen)
-        common.save_student(unet, os.path.join(args.output_dir, "student"), args,
+        models.remove_blocks(backend, unet, chosen)
+        # Untrained, the student differs from M0 only by its removed blocks: the backend's first
+        # trainable part (its default) is saved, so that training can start from it.
+        models.save_student(backend, unet, os.path.join(args.output_dir, "student"), args, next(iter(backend.TRAINABLE)),
                             extra={"parent": args.student or "M0", "pruned_this_stage": chosen})
         ranking = {
             "student": args.student or "M0", "aspects": list(aspects), "teacher": teacher, "unpruned": base,
             "candidates": sorted(candidates, key=lambda c: c["cost"]), "chosen": chosen, "pruned": pruned,
             "targets": targets, "targets_rule": reason,
-            "motion_parameters": {"before": motion_before, "after": common.motion_parameters(unet)},
+            "motion_parameters": {"before": motion_before, "after": models.block_parameters(backend, unet)},
         }
         common.atomic_write_text(os.path.join(args.output_dir, "ranking.md"), ranking_markdown(ranking))
         common.atomic_write_json(os.path.join(args.output_dir, "ranking.json"), ranking)  # last: marks the stage done

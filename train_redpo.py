@@ -18,6 +18,7 @@ Ablations are switches: --loss_type sft | dpo | redpo. Writes to --output_dir: s
 config.yaml.
 """
 
+import importlib.util
 import json
 import math
 import os
@@ -28,16 +29,21 @@ import sys
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from safetensors import safe_open
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 import common
+import models
+import stage
 
 OPTIONS = {
     "output_dir": (None, "where the trained student, checkpoints and logs go"),
     "student": (None, "student to train: a folder from prune.py (student/)"),
     "pairs": ([], "pair manifest(s) from curate.py (pairs.jsonl); several: space- or comma-separated, or a YAML list"),
-    "trainable": ("motion_modules", "motion_modules (AnimateDiff's motion modules; VideoCrafter2's temporal layers) | unet",
-                  {"choices": ("motion_modules", "unet")}),
+    "trainable": ("motion_modules", "what trains, as the backend names its parts: motion_modules (AnimateDiff's "
+                                    "motion modules; VideoCrafter2's temporal layers) | unet"),
     "loss_type": ("redpo", "redpo | dpo (w/o SFT) | sft (w/o DPO)", {"choices": common.LOSS_TYPES}),
     "beta": (2500.0, "DPO temperature; no 0.5 factor: 2500 here = Diffusion-DPO's beta_dpo 5000", {"gt": 0}),
     "w_sft": (1.0, "weight of the SFT term (student to teacher on winners)", {"min": 0}),
@@ -72,7 +78,7 @@ OPTIONS = {
 
 
 def parse_args(argv=None):
-    return common.parse_config(argv, __doc__, {"model": common.MODEL_OPTIONS, "train": OPTIONS})
+    return stage.parse_config(argv, __doc__, {"model": stage.MODEL_OPTIONS, "train": OPTIONS})
 
 
 class PairDataset(torch.utils.data.Dataset):
@@ -81,12 +87,10 @@ class PairDataset(torch.utils.data.Dataset):
     a winner and a loser of one shape, the same for every pair (a batch stacks them)."""
 
     def __init__(self, manifests):
-        from safetensors import safe_open
-
         self.rows, shapes = [], {}
         for manifest in manifests:
             root = os.path.dirname(manifest)
-            for i, row in enumerate(common.read_manifest(manifest), 1):
+            for i, row in enumerate(stage.read_manifest(manifest), 1):
                 where = f"{manifest}:{i}"
                 for key in ("winner", "loser"):  # a pair whose videos are gone or broken is not a pair
                     check_mp4(os.path.join(root, row[key]), f"{where}: {key}")
@@ -113,8 +117,6 @@ class PairDataset(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, i):
-        from safetensors.torch import load_file
-
         row = self.rows[i]
         try:
             latents = load_file(row["latents"])
@@ -222,8 +224,6 @@ def check_finite(accelerator, args, ok, what, step):
 
 
 def check_tracker(report_to):
-    import importlib.util
-
     package = {"tensorboard": "tensorboard", "wandb": "wandb", "none": None}
     if report_to not in package:
         raise common.ConfigError(f"train.report_to: expected tensorboard, wandb or none; got {report_to!r}")
@@ -232,14 +232,14 @@ def check_tracker(report_to):
                                  f"or --report_to none")
 
 
-def validate(accelerator, args, student, step, prompts, pipe):
+def validate(accelerator, args, backend, student, step, prompts, pipe):
     """Sample the validation videos with the student: MP4s in <output_dir>/validation/step-<step>/,
     the same prompts and seeds every time, and to the tracker (frames side by side for
     TensorBoard, the MP4s for wandb)."""
     unet = accelerator.unwrap_model(student)
     unet.eval()
     with accelerator.autocast():  # the student trains in float32, the frozen parts run in the training dtype
-        frames = common.generate(common.with_unet(pipe, unet), prompts, list(range(len(prompts))), args)
+        frames = backend.generate(backend.with_denoiser(pipe, unet), prompts, list(range(len(prompts))), args)
     unet.train()
     folder = os.path.join(args.output_dir, "validation", f"step-{step}")
     paths = []
@@ -268,8 +268,12 @@ def main(args):
     check_tracker(args.report_to)
     resume = check_resume(args.resume_from_checkpoint)
     dataset = PairDataset(args.pairs)
-    common.read_student_meta(args.student)
-    common.check_models(args)
+    models.read_student_meta(args.student)
+    backend = stage.backend_of(args)
+    if args.trainable not in backend.TRAINABLE:
+        raise common.ConfigError(f"train.trainable: expected one of {', '.join(backend.TRAINABLE)} for backend "
+                                 f"{args.backend}; got {args.trainable!r}")
+    stage.check_models(args, backend.required_models(args))
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -277,19 +281,16 @@ def main(args):
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
-    if common.stage_done(args.output_dir, args, "student/student.json"):
+    if stage.stage_done(args.output_dir, args, "student/student.json"):
         accelerator.print(f"train: {args.output_dir}/student is done with this config; skipping")
         return
     set_seed(args.seed)
 
     # Models: the student trains; the teacher M0 and the text encoder are frozen and stay outside prepare.
     dtype = common.weight_dtype(args.mixed_precision)
-    teacher = common.load_unet(args, dtype=dtype).to(accelerator.device).eval().requires_grad_(False)
-    student = common.load_unet(args, student=args.student)
-    student.requires_grad_(args.trainable == "unet")
-    if args.trainable == "motion_modules":
-        for name, p in student.named_parameters():
-            p.requires_grad_(common.is_temporal(name))
+    teacher = models.load_model(backend, args, dtype=dtype).to(accelerator.device).eval().requires_grad_(False)
+    student = models.load_model(backend, args, student=args.student)
+    params = models.set_trainable(backend, student, args.trainable)
     # The DPO term compares the student with the reference, which runs without dropout (VC2's
     # temporal convolutions have some): with it, equal weights would give unequal predictions.
     for module in student.modules():
@@ -298,12 +299,12 @@ def main(args):
     if args.gradient_checkpointing:
         if student._supports_gradient_checkpointing:  # diffusers' UNet3D (VC2) has none of its own
             student.enable_gradient_checkpointing()
-        common.checkpoint_motion_modules(student)
-    text_encoder, tokenizer = common.load_text_encoder(args, dtype=dtype)
+        models.checkpoint_blocks(backend, student)
+    text_encoder, tokenizer = backend.load_text_encoder(args, dtype=dtype)
     text_encoder.to(accelerator.device)
-    noise_scheduler = common.noise_scheduler(args)
+    noise_scheduler = backend.noise_scheduler(args)
 
-    aside = common.start_stage(accelerator, args.output_dir, args,
+    aside = stage.start_stage(accelerator, args.output_dir, args,
                                ["student", "checkpoint-*", "metrics.jsonl", "logs", "validation"])
     if resume not in (None, "latest") and not os.path.isdir(resume) and aside:  # moved aside with the rest
         resume = os.path.join(aside, os.path.relpath(resume, os.path.abspath(args.output_dir)))
@@ -312,13 +313,10 @@ def main(args):
     lr = args.learning_rate
     if args.scale_lr:
         lr *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
-    params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate,
                                          num_workers=args.dataloader_num_workers)
-    from diffusers.optimization import get_scheduler
-
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=args.max_train_steps * accelerator.num_processes)
     student, optimizer, loader, lr_scheduler = accelerator.prepare(student, optimizer, loader, lr_scheduler)
@@ -369,7 +367,7 @@ def main(args):
                     break
                 with accelerator.accumulate(student):
                     latents = batch["latents"]  # (2B, C, F, h, w): winners then losers
-                    n, frames = latents.shape[0] // 2, latents.shape[2]
+                    n = latents.shape[0] // 2
                     # Noise and timesteps are a function of (seed, batch, process) alone, so a resumed run
                     # draws exactly what the uninterrupted one did, whatever the loaders consumed.
                     gen = torch.Generator().manual_seed(args.seed * 1_000_003 + micro_step * 1009 + accelerator.process_index)
@@ -380,10 +378,10 @@ def main(args):
                     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
                     target = common.diffusion_target(noise_scheduler, latents, noise, timesteps)
                     with torch.no_grad():
-                        text = common.encode_prompts(text_encoder, tokenizer, batch["prompts"], accelerator.device)
-                        text = common.frame_text(teacher, text.repeat(2, 1, 1), frames)  # (2B[*F], 77, D)
-                        ref_pred = teacher(noisy.to(dtype), timesteps, text.to(dtype)).sample  # used by both terms
-                    model_pred = student(noisy, timesteps, text).sample
+                        text = backend.encode_prompts(text_encoder, tokenizer, batch["prompts"], accelerator.device)
+                        text = text.repeat(2, *[1] * (text.dim() - 1))  # the same prompt for winner and loser
+                        ref_pred = backend.predict(teacher, noisy.to(dtype), timesteps, text.to(dtype))  # both terms'
+                    model_pred = backend.predict(student, noisy, timesteps, text)
                     loss, metrics = common.redpo_loss(model_pred, ref_pred, target, beta=args.beta, w_sft=args.w_sft,
                                                       loss_type=args.loss_type)
                     check_finite(accelerator, args, math.isfinite(metrics["loss"]), f"loss ({metrics['loss']})",
@@ -412,8 +410,8 @@ def main(args):
                         save_checkpoint(accelerator, args, global_step)
                     if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
                         if validation_pipe is None:  # the frozen VAE and text encoder, loaded on first use
-                            validation_pipe = common.load_pipeline(args, teacher, accelerator.device, dtype)
-                        validate(accelerator, args, student, global_step, validation_prompts, validation_pipe)
+                            validation_pipe = backend.load_pipeline(args, teacher, accelerator.device, dtype)
+                        validate(accelerator, args, backend, student, global_step, validation_prompts, validation_pipe)
             if global_step >= args.max_train_steps:
                 break
     finally:
@@ -422,7 +420,7 @@ def main(args):
     accelerator.wait_for_everyone()
     state = accelerator.get_state_dict(student)  # on every rank: FSDP gathers the shards here
     if accelerator.is_main_process:
-        common.save_student(accelerator.unwrap_model(student), os.path.join(args.output_dir, "student"), args,
+        models.save_student(backend, accelerator.unwrap_model(student), os.path.join(args.output_dir, "student"), args,
                             weights=args.trainable, state=state,
                             extra={"parent": args.student, "steps": global_step, "loss_type": args.loss_type,
                                    "beta": args.beta, "w_sft": args.w_sft, "pairs": args.pairs})

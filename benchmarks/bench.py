@@ -20,10 +20,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as `python benchmarks/x.py`: common.py lives one level up
+if str(ROOT) not in sys.path:  # run as `python benchmarks/x.py`: the project lives one level up
     sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
+from backends.animatediff import TINY_ADAPTER, TINY_TEXT, TINY_UNET, TINY_VAE, tiny_clip_tokenizer  # noqa: E402
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
 
 diffusers_logging.set_verbosity_error()  # casting random models to bf16 warns about from_pretrained
@@ -41,17 +42,6 @@ SD15_VAE = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, lat
                 sample_size=512, down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
 SD15_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                  num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
-
-# The tiny models of common.build_tiny_animatediff (11 motion modules, a 4-level VAE, a 2-layer CLIP).
-TINY_UNET = dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=2, norm_num_groups=8,
-                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=8)
-TINY_ADAPTER = dict(block_out_channels=(32, 64), motion_layers_per_block=2, motion_mid_block_layers_per_block=1,
-                    motion_num_attention_heads=2, motion_norm_num_groups=8, motion_max_seq_length=32)
-TINY_VAE = dict(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=8, latent_channels=4,
-                sample_size=64, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-TINY_TEXT = dict(vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                 max_position_embeddings=77)
 
 # Video size of each scale: full is configs/animatediff.yaml's (16 frames at 512x512 = 64x64 latents),
 # tiny is configs/tiny.yaml's.
@@ -113,7 +103,7 @@ def build_unet(size, device, dtype=torch.float32, seed=0):
 
 def build_pipeline(size, unet, device, dtype=torch.float32, seed=0):
     """An AnimateDiffPipeline around `unet` with a random VAE and text encoder of `size`, and
-    AnimateDiff's DDIM settings (as common.load_pipeline). The tokenizer is common's byte-level
+    AnimateDiff's DDIM settings (as backends/animatediff.py's). The tokenizer is the tiny byte-level
     one: every prompt is padded to 77 tokens, so it costs what CLIP's does."""
     from diffusers import AnimateDiffPipeline, AutoencoderKL, DDIMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -122,11 +112,11 @@ def build_pipeline(size, unet, device, dtype=torch.float32, seed=0):
     torch.manual_seed(seed)
     with torch.device(device):
         vae = AutoencoderKL(**cfg["vae"])
-        text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text"], bos_token_id=512, eos_token_id=513,
-                                                    pad_token_id=513))
+        text_encoder = CLIPTextModel(CLIPTextConfig(**{**cfg["text"], "bos_token_id": 512, "eos_token_id": 513,
+                                                       "pad_token_id": 513}))
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1, timestep_spacing="linspace")
-    pipe = AnimateDiffPipeline(vae=vae, text_encoder=text_encoder, tokenizer=common._tiny_clip_tokenizer(),
+    pipe = AnimateDiffPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tiny_clip_tokenizer(),
                                unet=unet, motion_adapter=None, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device=device, dtype=dtype)

@@ -109,6 +109,8 @@ def main(args):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import bench
     import common
+    import rewards
+    import stage
 
     out = os.path.abspath(args.output_dir)
     if any(c.isspace() for c in out):
@@ -119,8 +121,9 @@ def main(args):
     config_path, config = write_config(args, models)
 
     start = time.perf_counter()
-    common.build_tiny_animatediff(config["model"]["pretrained_model_name_or_path"], config["model"]["motion_adapter"])
-    common.build_tiny_videoscore(config["reward"]["reward_model"])
+    model = stage.parse_config(["--config", config_path], "", {"model": stage.MODEL_OPTIONS})
+    stage.backend_of(model).build_tiny(model)
+    rewards.build_tiny_videoscore(config["reward"]["reward_model"])
     build_s = time.perf_counter() - start
 
     launch = shlex.join([sys.executable, str(Path(__file__).resolve()), "--time_stage", log])

@@ -14,9 +14,9 @@ Which modules a student lacks, by --orders:
           one call), so each student is the cheapest one with that many modules removed
   params  the largest modules first (what a parameter budget cuts first): at full size the 36M
           modules at the two lowest resolutions
-ties kept in forward order. Per student: FLOPs of one UNet call on one video (common.count_flops,
+ties kept in forward order. Per student: FLOPs of one UNet call on one video (models.count_flops,
 the figure evaluate.py reports), the latency of one denoising step (one UNet call on the guidance
-batch of two, under inference_mode; median of --iters) and of one video (common.generate: text
+batch of two, under inference_mode; median of --iters) and of one video (models.generate: text
 encoder, every step with guidance, VAE decode; median of --video_runs after one warm-up), each next
 to its ratio to the full model. The students take turns, one call each per round, so that a slow
 spell of a shared machine hits them all alike. Prints a markdown table; writes a JSON with device,
@@ -36,7 +36,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402
-import common  # noqa: E402
+import models  # noqa: E402
+from backends import animatediff  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -65,20 +66,20 @@ def module_flops(unet, video):
     config = {k: v for k, v in unet.config.items() if k != "_use_default_values"}
     with torch.device("meta"):
         ghost = UNetMotionModel.from_config(config)
-    common.remove_blocks(ghost, common.removed_blocks(unet))
-    sample, t, text = common.denoise_inputs(ghost, 1, *video, device="meta")
+    models.remove_blocks(animatediff, ghost, models.removed_blocks(animatediff, unet))
+    sample, t, text = animatediff.denoise_inputs(ghost, 1, *video, device="meta")
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         ghost(sample, t, text)
     counts = counter.get_flop_counts()  # keyed by module path under the class name
     return {b["name"]: sum(counts.get(f"{type(ghost).__name__}.{b['name']}", {}).values())
-            for b in common.list_blocks(ghost)}
+            for b in models.list_blocks(animatediff, ghost)}
 
 
 def removal_order(unet, flops, key):
     """Motion module names, first to remove first (see the module docstring); sorts are stable,
     so ties stay in forward order."""
-    blocks = common.list_blocks(unet)
+    blocks = models.list_blocks(animatediff, unet)
     if key == "params":
         return [b["name"] for b in sorted(blocks, key=lambda b: -b["params"])]
     return [b["name"] for b in sorted(blocks, key=lambda b: -flops[b["name"]])]
@@ -88,9 +89,9 @@ def count_students(unet, students, video):
     """One row per student, (name, removed blocks): what it lacks, its parameters and FLOPs."""
     rows = []
     for (order, _), blocks in students:
-        with common.blocks_removed(unet, blocks):
+        with models.blocks_removed(animatediff, unet, blocks):
             rows.append({"order": order, "removed": len(blocks), "blocks": blocks,
-                         "motion_params": common.motion_parameters(unet), "flops": common.count_flops(unet, *video)})
+                         "motion_params": models.block_parameters(animatediff, unet), "flops": models.count_flops(animatediff, unet, *video)})
     return rows
 
 
@@ -98,21 +99,21 @@ def time_students(unet, pipe, students, gen_args, args):
     """Step and video times of each student. Students take turns, one call each per round, so that a
     slow spell of a shared machine hits them all alike."""
     video = (gen_args.num_frames, gen_args.height, gen_args.width)
-    sample, t, text = common.denoise_inputs(unet, 2, *video, device=args.device, dtype=unet.dtype)
+    sample, t, text = animatediff.denoise_inputs(unet, 2, *video, device=args.device, dtype=unet.dtype)
 
     def denoise_step():
         with torch.inference_mode():
             unet(sample, t, text)
 
     def one_video():
-        common.generate(pipe, ["a red car drives along a coastal road"], [0], gen_args)
+        models.generate(pipe, ["a red car drives along a coastal road"], [0], gen_args)
 
     times = {(name, kind): [] for name, _ in students for kind in ("step", "video")}
     for kind, fn, warmup, runs in (("step", denoise_step, args.warmup, args.iters),
                                    ("video", one_video, 1, args.video_runs)):
         for r in range(warmup + runs):
             for name, blocks in students:
-                with common.blocks_removed(unet, blocks):
+                with models.blocks_removed(animatediff, unet, blocks):
                     seconds = bench.time_once(fn, args.device)
                 if r >= warmup:
                     times[name, kind].append(seconds)
@@ -142,8 +143,8 @@ def main(args):
                                num_inference_steps=args.num_inference_steps or size["num_inference_steps"])
     video = (gen_args.num_frames, gen_args.height, gen_args.width)
     unet = bench.build_unet(args.size, args.device, dtype, args.seed).eval().requires_grad_(False)
-    if args.removed and max(args.removed) > len(common.list_blocks(unet)):
-        raise SystemExit(f"--removed: the {args.size} model has {len(common.list_blocks(unet))} motion modules")
+    if args.removed and max(args.removed) > len(models.list_blocks(animatediff, unet)):
+        raise SystemExit(f"--removed: the {args.size} model has {len(models.list_blocks(animatediff, unet))} motion modules")
     flops = module_flops(unet, video)
     students = [(("-", 0), [])] + [((key, n), removal_order(unet, flops, key)[:n])
                                    for key in args.orders for n in args.removed]

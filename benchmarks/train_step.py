@@ -54,6 +54,8 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402
 import common  # noqa: E402
+import models  # noqa: E402
+from backends import animatediff  # noqa: E402
 
 BASE = dict(loss="redpo", trainable="motion_modules", checkpointing=None, attention="sdpa", compile=False)
 VARIANTS = {
@@ -136,16 +138,16 @@ def set_attention(unet, kind):
     unet.set_attn_processor(AttnProcessor2_0() if kind == "sdpa" else AttnProcessor())
 
 
-def make_student(models, spec, args):
-    student = copy.deepcopy(models["master"]).to(args.device)
-    common.remove_blocks(student, args.remove)
+def make_student(nets, spec, args):
+    student = copy.deepcopy(nets["master"]).to(args.device)
+    models.remove_blocks(animatediff, student, args.remove)
     student.train()
     for name, p in student.named_parameters():
         p.requires_grad_(spec["trainable"] == "unet" or ".motion_modules." in name)
     if spec["checkpointing"]:
         student.enable_gradient_checkpointing()
     if spec["checkpointing"] == "all":
-        common.checkpoint_motion_modules(student)
+        models.checkpoint_blocks(animatediff, student)
     set_attention(student, spec["attention"])
     return student
 
@@ -237,13 +239,13 @@ def cpu_peak_bytes(step, alive):
     return tracker.peak
 
 
-def run_variant(name, models, args, pairs):
+def run_variant(name, nets, args, pairs):
     spec = VARIANTS[name]
     batch = make_batch(args, pairs, args.seed)
-    student = make_student(models, spec, args)
-    teacher = models["teacher"]
+    student = make_student(nets, spec, args)
+    teacher = nets["teacher"]
     if spec["loss"] == "naive":
-        teacher = copy.deepcopy(models["master"]).to(args.device)
+        teacher = copy.deepcopy(nets["master"]).to(args.device)
     set_attention(teacher, spec["attention"])
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-6)
@@ -266,10 +268,10 @@ def run_variant(name, models, args, pairs):
             "flops_per_s": flops / seconds, "peak_bytes": peak, "trainable_params": sum(p.numel() for p in params)}
 
 
-def try_variant(name, models, args, pairs):
+def try_variant(name, nets, args, pairs):
     """run_variant, or an 'out of memory' row: the batch search ends on one."""
     try:
-        return run_variant(name, models, args, pairs)
+        return run_variant(name, nets, args, pairs)
     except torch.OutOfMemoryError:
         pass
     gc.collect()  # outside the except block, so the traceback's tensors are already gone
@@ -303,12 +305,12 @@ def main(args):
     torch.manual_seed(args.seed)
     dtype = bench.torch_dtype(args.dtype)
     limits = None if args.flops_only else bench.limits(args.device, dtype)
-    models = build_models(args)
-    rows = [try_variant(name, models, args, args.pairs) for name in args.variants]
+    nets = build_models(args)
+    rows = [try_variant(name, nets, args, args.pairs) for name in args.variants]
     for name in args.search_variants if args.batch_search else []:
         pairs = 2 * args.pairs
         while pairs <= args.max_pairs:
-            rows.append(try_variant(name, models, args, pairs))
+            rows.append(try_variant(name, nets, args, pairs))
             if rows[-1].get("oom"):
                 break
             pairs *= 2

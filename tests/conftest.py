@@ -10,32 +10,38 @@ sys.path.insert(0, str(ROOT))
 import pytest  # noqa: E402
 
 
+def model_args(*argv):
+    """The model and reward sections of a config, as the scripts parse them."""
+    import rewards
+    import stage
+
+    return stage.parse_config(list(argv), "test", {"model": stage.MODEL_OPTIONS, "reward": rewards.OPTIONS})
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """Tiny AnimateDiff folders (SD layout + motion adapter), built once per test session."""
-    import common
+    from backends import animatediff
 
     root = tmp_path_factory.mktemp("tiny models")  # a space, as users' paths have
-    common.build_tiny_animatediff(str(root / "sd"), str(root / "motion_adapter"))
+    animatediff.build_tiny(model_args("--pretrained_model_name_or_path", str(root / "sd"), "--motion_adapter",
+                                      str(root / "motion_adapter")))
     return root
 
 
 @pytest.fixture()
 def tiny_args(tiny_dir):
-    import common
-
-    args = common.parse_config([], "test", {"model": common.MODEL_OPTIONS, "reward": common.REWARD_OPTIONS})
-    args.pretrained_model_name_or_path = str(tiny_dir / "sd")
-    args.motion_adapter = str(tiny_dir / "motion_adapter")
+    args = model_args("--pretrained_model_name_or_path", str(tiny_dir / "sd"), "--motion_adapter",
+                      str(tiny_dir / "motion_adapter"))
     args.num_frames, args.height, args.width, args.num_inference_steps = 8, 64, 64, 4
     return args
 
 
 @pytest.fixture(scope="session")
 def tiny_reward(tiny_dir):
-    import common
+    import rewards
 
-    return common.build_tiny_videoscore(str(tiny_dir / "videoscore"))
+    return rewards.build_tiny_videoscore(str(tiny_dir / "videoscore"))
 
 
 FAST = {  # the tiny config, cut down so a whole stage takes seconds

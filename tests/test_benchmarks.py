@@ -9,7 +9,8 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-import common
+import models
+from backends import animatediff
 from benchmarks import cpu_loop, generation, train_step
 
 bench = train_step.bench
@@ -30,7 +31,7 @@ def test_train_step_starts_and_counts_flops(tmp_path, capsys):
     assert rows["redpo_ckpt_all"]["flops"] > rows["redpo"]["flops"]
     assert rows["redpo_ckpt_all"]["peak_bytes"] < 0.8 * rows["redpo"]["peak_bytes"]
     teacher = bench.build_unet("tiny", "meta")
-    assert rows["redpo"]["trainable_params"] == common.motion_parameters(teacher) - common.count_parameters(
+    assert rows["redpo"]["trainable_params"] == models.block_parameters(animatediff, teacher) - models.count_parameters(
         teacher.get_submodule("mid_block.motion_modules.0"))
     assert "| redpo | 1 |" in capsys.readouterr().out
 
@@ -42,9 +43,9 @@ def test_train_step_starts_and_counts_flops(tmp_path, capsys):
 
 def test_naive_and_redpo_steps_compute_the_same_loss_and_gradients():
     args = train_step.parse_args(["--size", "tiny", "--device", "cpu"])
-    models = train_step.build_models(args)
+    nets = train_step.build_models(args)
     batch = train_step.make_batch(args, pairs=2)
-    teacher = models["teacher"]
+    teacher = nets["teacher"]
     steps = {
         "naive": lambda s: train_step.naive_loss(s, teacher, batch, 2500.0, 1.0, nullcontext()),
         "teacher_once": lambda s: train_step.redpo_step_loss(s, teacher, batch, 2500.0, 1.0, nullcontext(),
@@ -53,7 +54,7 @@ def test_naive_and_redpo_steps_compute_the_same_loss_and_gradients():
     }
     results = {}
     for name, loss_fn in steps.items():
-        student = train_step.make_student(models, train_step.VARIANTS["redpo"], args)
+        student = train_step.make_student(nets, train_step.VARIANTS["redpo"], args)
         loss = loss_fn(student)
         loss.backward()
         grads = torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None])
@@ -66,10 +67,10 @@ def test_naive_and_redpo_steps_compute_the_same_loss_and_gradients():
 
     # The naive step's extra work is exactly one more teacher call on each winner (the SFT term's
     # reference); batching winners with losers changes no arithmetic.
-    student = train_step.make_student(models, train_step.VARIANTS["redpo"], args)
+    student = train_step.make_student(nets, train_step.VARIANTS["redpo"], args)
     flops = {name: train_step.count_flops(lambda: steps[name](student).backward(), "cpu")
              for name in ("naive", "redpo")}
-    assert flops["naive"] - flops["redpo"] == common.count_flops(teacher, 8, 64, 64, batch_size=2) > 0
+    assert flops["naive"] - flops["redpo"] == models.count_flops(animatediff, teacher, 8, 64, 64, batch_size=2) > 0
 
 
 def test_peak_live_bytes_counts_what_is_alive():

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import common
+from stage import read_manifest
 from conftest import ROOT, run_script
 
 PY = sys.executable
@@ -54,11 +54,16 @@ def test_train_on_two_processes(fast_config, stage, tmp_path):
     assert json.loads((out / "student" / "student.json").read_text())["steps"] == 4
 
 
-def test_train_redpo_and_common_alone_train_in_another_project(fast_config, stage, tmp_path):
-    """Users copy train_redpo.py and common.py into their own projects: the two files alone train."""
+# What travels with train_redpo.py into another project (README, "Copying the trainer").
+TRAINER_FILES = ("train_redpo.py", "common.py", "stage.py", "models.py", "backends/animatediff.py")
+
+
+def test_train_redpo_and_its_four_files_alone_train_in_another_project(fast_config, stage, tmp_path):
+    """Users copy train_redpo.py into their own projects with the four files the README names: they alone train."""
+    assert all(f"`{name}`" in (ROOT / "README.md").read_text() for name in TRAINER_FILES)
     project = tmp_path / "their project"
-    project.mkdir()
-    for name in ("train_redpo.py", "common.py"):
+    (project / "backends").mkdir(parents=True)
+    for name in TRAINER_FILES:
         shutil.copy(ROOT / name, project / name)
     out = tmp_path / "trained"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -144,7 +149,7 @@ def test_bad_input_is_one_line_and_writes_nothing(fast_config, stage, tmp_path):
     # missing and corrupt MP4 referenced by a manifest
     copy = tmp_path / "copy"
     shutil.copytree(stage / "curate", copy)
-    row = common.read_manifest(copy / "pairs.jsonl")[0]
+    row = read_manifest(copy / "pairs.jsonl")[0]
     (copy / row["winner"]).unlink()
     line = run_bad(*train_cmd(fast_config, stage, out, "--pairs", str(copy / "pairs.jsonl"))[1:])
     assert "pairs.jsonl:1: winner" in line and "is missing" in line

@@ -6,10 +6,12 @@ import pytest
 import yaml
 
 import common
-from common import ConfigError, parse_config
+import stage
+from common import ConfigError
+from stage import parse_config
 from conftest import ROOT
 
-SECTIONS = {"model": common.MODEL_OPTIONS, "train": {"learning_rate": (1e-5, "lr"), "max_train_steps": (100, "steps"),
+SECTIONS = {"model": stage.MODEL_OPTIONS, "train": {"learning_rate": (1e-5, "lr"), "max_train_steps": (100, "steps"),
                                                     "gradient_checkpointing": (False, "gc"), "output_dir": (None, "out")}}
 
 
@@ -26,15 +28,15 @@ def test_precedence_cli_over_yaml_over_default(tmp_path):
     assert args.num_frames == 8 and args.height == 512  # YAML, default
     assert args.learning_rate == pytest.approx(1e-4) and isinstance(args.learning_rate, float)
     assert args.max_train_steps == 9 and args.gradient_checkpointing is True
-    assert common.config_dict(args)["train"] == {"learning_rate": 1e-4, "max_train_steps": 9,
+    assert stage.config_dict(args)["train"] == {"learning_rate": 1e-4, "max_train_steps": 9,
                                                  "gradient_checkpointing": True, "output_dir": None}
 
 
 def test_resolved_config_round_trips(tmp_path):
     args = parse_config(["--config", write(tmp_path, "model:\n  width: 96\n"), "--output_dir", "a b/c"], "t", SECTIONS)
-    common.save_config(args, tmp_path / "out" / "config.yaml")
+    stage.save_config(args, tmp_path / "out" / "config.yaml")
     again = parse_config(["--config", str(tmp_path / "out" / "config.yaml")], "t", SECTIONS)
-    assert common.config_dict(again) == common.config_dict(args)
+    assert stage.config_dict(again) == stage.config_dict(args)
     assert again.output_dir == "a b/c" and again.width == 96
 
 
@@ -85,10 +87,10 @@ def test_prompts_from_text_jsonl_and_csv(tmp_path):
     (tmp_path / "p.txt").write_text("a cat runs\n\n  two   dogs  swim \n")
     (tmp_path / "p.jsonl").write_text('{"prompt": "a cat runs", "id": 1}\n\n{"prompt": "two dogs swim"}\n')
     (tmp_path / "p.csv").write_text('id,prompt,user\n1,"a cat runs",x\n2,"two dogs swim, fast",y\n')
-    assert common.read_prompts(tmp_path / "p.txt") == ["a cat runs", "two dogs swim"]
-    assert common.read_prompts(tmp_path / "p.jsonl") == ["a cat runs", "two dogs swim"]
-    assert common.read_prompts(tmp_path / "p.csv") == ["a cat runs", "two dogs swim, fast"]
-    assert len(common.read_prompts(common.__file__.replace("common.py", "configs/prompts/curation.txt"))) == 320
+    assert stage.read_prompts(tmp_path / "p.txt") == ["a cat runs", "two dogs swim"]
+    assert stage.read_prompts(tmp_path / "p.jsonl") == ["a cat runs", "two dogs swim"]
+    assert stage.read_prompts(tmp_path / "p.csv") == ["a cat runs", "two dogs swim, fast"]
+    assert len(stage.read_prompts(common.__file__.replace("common.py", "configs/prompts/curation.txt"))) == 320
 
 
 @pytest.mark.parametrize("name, text, message", [
@@ -99,9 +101,9 @@ def test_prompts_from_text_jsonl_and_csv(tmp_path):
 def test_bad_prompt_files(tmp_path, name, text, message):
     (tmp_path / name).write_text(text)
     with pytest.raises(ConfigError, match=message):
-        common.read_prompts(tmp_path / name)
+        stage.read_prompts(tmp_path / name)
     with pytest.raises(ConfigError, match="cannot read prompts"):
-        common.read_prompts(tmp_path / "missing.txt")
+        stage.read_prompts(tmp_path / "missing.txt")
 
 
 @pytest.mark.parametrize("name,kind", [("single_gpu", "NO"), ("multi_gpu", "MULTI_GPU"),

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import common
+import stage
 import curate
 import evaluate
 import prune
@@ -41,7 +42,7 @@ def save_state(self, output_dir=None, **kwargs):
     return out
 accelerate.Accelerator.save_state = save_state
 """
-KILL_BEFORE_STUDENT = "common.save_student = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)"
+KILL_BEFORE_STUDENT = "import models; models.save_student = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)"
 NAN_AFTER_STEP_3 = """
 import torch
 _step, calls = torch.optim.AdamW.step, []
@@ -76,7 +77,7 @@ def pairs3(tiny_stage, tmp_path_factory):
     end mid-epoch (where a resume at the last checkpoint used to take one step more)."""
     folder = tmp_path_factory.mktemp("pairs3") / "curate"
     shutil.copytree(tiny_stage / "curate", folder)
-    rows = common.read_manifest(folder / "pairs.jsonl")
+    rows = stage.read_manifest(folder / "pairs.jsonl")
     rows = [{**rows[i % len(rows)], "id": f"row{i}"} for i in range(3)]
     (folder / "pairs3.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return folder / "pairs3.jsonl"
@@ -204,7 +205,7 @@ def test_bad_input_on_a_rerun_leaves_finished_work_as_it_was(fast_config, tiny_s
 def test_two_runs_on_one_folder_the_second_names_the_first(fast_config, tiny_stage, pairs3, tmp_path):
     out = tmp_path / "busy"
     out.mkdir()
-    common.lock_folder(out)  # this test process holds it, as a running stage would
+    stage.lock_folder(out)  # this test process holds it, as a running stage would
     result = run_script(PY, "train_redpo.py", *map(str, train_argv(fast_config, tiny_stage, pairs3, out)), check=False)
     line = one_line_error(result)
     assert f"{out}: in use by pid {os.getpid()}" in line
@@ -228,19 +229,19 @@ def test_path_flags_are_strings_whatever_they_hold(fast_config, tmp_path):
     options = {"eval": {"output_dir": (None, "out"), "students": ([], "students"),
                         "max_prompts": (None, "n", {"type": int})}}
     for path in ("/x/run #1", "a: b", "[x]", "2024", "yes"):
-        args = common.parse_config(["--output_dir", path], "t", options)
+        args = stage.parse_config(["--output_dir", path], "t", options)
         assert args.output_dir == path
     comma = tmp_path / "a,b" / "student"
     comma.mkdir(parents=True)
-    args = common.parse_config(["--students", str(comma), "--max_prompts", "null"], "t", options)
+    args = stage.parse_config(["--students", str(comma), "--max_prompts", "null"], "t", options)
     assert args.students == [str(comma)] and args.max_prompts is None
-    args = common.parse_config(["--students", "x #1", str(comma)], "t", options)
+    args = stage.parse_config(["--students", "x #1", str(comma)], "t", options)
     assert args.students == ["x #1", str(comma)]
-    assert common.parse_config(["--students", "a,b"], "t", options).students == ["a", "b"]
+    assert stage.parse_config(["--students", "a,b"], "t", options).students == ["a", "b"]
     yaml_path = tmp_path / "c.yaml"
     yaml_path.write_text("eval:\n  output_dir: 2024\n")
     with pytest.raises(common.ConfigError, match=r"eval.output_dir: expected a string .* got 2024"):
-        common.parse_config(["--config", str(yaml_path)], "t", options)
+        stage.parse_config(["--config", str(yaml_path)], "t", options)
 
     # A run folder with " #" in its name gets the outputs, not the folder before the '#'.
     out = tmp_path / "run #1" / "prune"
@@ -273,7 +274,7 @@ def test_bad_files_are_one_line_before_anything_runs(fast_config, tiny_stage, tm
     src = tiny_stage / "curate"
     copy = tmp_path / "curate"
     shutil.copytree(src, copy)
-    rows = common.read_manifest(copy / "pairs.jsonl")
+    rows = stage.read_manifest(copy / "pairs.jsonl")
     out = tmp_path / "out"
 
     def train_error(rows_):
@@ -335,7 +336,7 @@ def test_models_that_are_not_there_are_one_line_before_any_folder(tmp_path):
     assert "model.pretrained_model_name_or_path: stable-diffusion-v1-5/stable-diffusion-v1-5 is not in the Hugging " \
            "Face cache" in line and "HF_HUB_OFFLINE is set" in line and "hf download" in line
     assert not out.exists()
-    line = one_line_error(run_script(PY, "videocrafter2.py", "convert", "--output_dir", str(out), env=env, check=False))
+    line = one_line_error(run_script(PY, "convert_videocrafter2.py", "--output_dir", str(out), env=env, check=False))
     assert "VideoCrafter/VideoCrafter2 is not in the Hugging Face cache" in line and not out.exists()
     line = one_line_error(run_script(PY, "prune.py", "--config", "configs/animatediff.yaml", "--output_dir", str(out),
                                      "--motion_adapter", str(tmp_path / "no adapter"), "--pretrained_model_name_or_path",

@@ -8,6 +8,8 @@ import pytest
 
 import common
 import features
+import rewards
+import stage
 import world
 
 PROMPTS = ["a red square moves left slowly", "a blue triangle moves up quickly", "a green circle moves right quickly",
@@ -75,12 +77,13 @@ def test_ensemble_averages_shared_aspects_and_keeps_the_rest(clips):
 
 def test_config_switches_and_their_errors():
     args = argparse.Namespace(reward="features", aspects=list(features.ASPECTS), ensemble_with="videoscore")
-    assert isinstance(common.load_reward(args), features.FeatureReward)
+    assert isinstance(rewards.load_reward(args), features.FeatureReward)
     args.aspects = ["visual_quality", "text_alignment"]
     with pytest.raises(common.ConfigError, match="reward.aspects: reward features scores only"):
-        common.load_reward(args)
+        rewards.load_reward(args)
     args.reward, args.ensemble_with = "ensemble", "world"
-    assert isinstance(common.load_reward(args).learned, world.WorldReward)
-    args.ensemble_with = "clip"
-    with pytest.raises(common.ConfigError, match="reward.ensemble_with: expected videoscore or world"):
-        common.load_reward(args)
+    assert isinstance(rewards.load_reward(args).learned, world.WorldReward)
+    with pytest.raises(common.ConfigError, match="--ensemble_with: expected one of videoscore, world; got 'clip'"):
+        stage.parse_config(["--ensemble_with", "clip"], "t", {"reward": rewards.OPTIONS})
+    with pytest.raises(common.ConfigError, match="--reward: expected one of videoscore, world, features, ensemble"):
+        stage.parse_config(["--reward", "clip"], "t", {"reward": rewards.OPTIONS})

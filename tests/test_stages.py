@@ -9,6 +9,7 @@ import yaml
 from safetensors.torch import load_file
 
 import common
+from stage import read_manifest
 import curate
 import evaluate
 import prune
@@ -80,7 +81,7 @@ def test_curate_keeps_pairs_where_teacher_wins(fast_config, stage):
                               str(stage / "prune" / "student"), "--ranking", str(stage / "prune" / "ranking.json")])
     curate.main(args)
     targets = json.loads((stage / "prune" / "ranking.json").read_text())["targets"]
-    rows = common.read_manifest(out / "pairs.jsonl")
+    rows = read_manifest(out / "pairs.jsonl")
     candidates = [json.loads(line) for line in (out / "candidates.jsonl").read_text().splitlines()]
     assert len(candidates) == 4 and len(rows) == sum(c["kept"] for c in candidates) >= 1
     for row in rows:

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import common
-import videocrafter2 as vc2
+import models
+from backends import animatediff
+from backends import videocrafter2 as vc2
 from conftest import ROOT
 
 # Every key and shape of the official model.ckpt's state dict, made from the public architecture without weights.
@@ -22,34 +24,34 @@ def official():
 
 
 def test_every_official_key_maps_to_one_of_ours_with_its_shape(official):
-    models = vc2.build_models(device="meta")
+    nets = vc2.build_models(device="meta")
     state = {k: torch.empty(v, device="meta") for k, v in official["keys"].items()}
-    converted = vc2.convert_state_dict(state, *models)  # raises on any missing, unexpected or misshapen key
-    for model, ours in zip(models, converted):
+    converted = vc2.convert_state_dict(state, *nets)  # raises on any missing, unexpected or misshapen key
+    for model, ours in zip(nets, converted):
         assert set(ours) == set(model.state_dict())  # none of ours left over
     unet_keys = {k for k in state if k.startswith(vc2.UNET_PREFIX)}
     assert len(unet_keys) == 1484 and len(converted[0]) == 1484
     # The only official tensors not loaded: the schedule (recomputed, checked below) and the text
     # tower's unused tail (its 24th block, projection and temperature).
-    mapped = {vc2.UNET_PREFIX + v for v in vc2.unet_key_map(models[0]).values()}
-    mapped |= {vc2.VAE_PREFIX + v for v in vc2.vae_key_map(models[1]).values()}
-    mapped |= {vc2.TEXT_PREFIX + (v if isinstance(v, str) else v[0]) for v in vc2.text_key_map(models[2]).values()}
+    mapped = {vc2.UNET_PREFIX + v for v in vc2.unet_key_map(nets[0]).values()}
+    mapped |= {vc2.VAE_PREFIX + v for v in vc2.vae_key_map(nets[1]).values()}
+    mapped |= {vc2.TEXT_PREFIX + (v if isinstance(v, str) else v[0]) for v in vc2.text_key_map(nets[2]).values()}
     left = set(state) - mapped
     assert {k for k in left if not k.startswith(vc2.TEXT_PREFIX)} == set(vc2.SCHEDULE_BUFFERS)
     text_left = sorted(k[len(vc2.TEXT_PREFIX):] for k in left if k.startswith(vc2.TEXT_PREFIX))
     assert text_left[:2] == ["logit_scale", "text_projection"] and len(text_left) == 14
     assert all(k.startswith("transformer.resblocks.23.") for k in text_left[2:])
     with pytest.raises(common.ConfigError, match="unexpected tensors, e.g. model.diffusion_model.extra"):
-        vc2.convert_state_dict({**state, "model.diffusion_model.extra": torch.empty(1)}, *models)
+        vc2.convert_state_dict({**state, "model.diffusion_model.extra": torch.empty(1)}, *nets)
     with pytest.raises(common.ConfigError, match="has shape"):
-        vc2.convert_state_dict({**state, "model.diffusion_model.out.2.bias": torch.empty(5)}, *models)
+        vc2.convert_state_dict({**state, "model.diffusion_model.out.2.bias": torch.empty(5)}, *nets)
 
 
 def test_full_unet_has_vc2s_1413_28m_parameters(official):
     unet, vae, text = vc2.build_models(device="meta")
-    assert common.count_parameters(unet) == official["total_params"]["model.diffusion_model"] == 1_413_284_420
-    assert common.count_parameters(vae) == official["total_params"]["first_stage_model"]
-    fps = common.count_parameters(unet.fps_embedding)
+    assert models.count_parameters(unet) == official["total_params"]["model.diffusion_model"] == 1_413_284_420
+    assert models.count_parameters(vae) == official["total_params"]["first_stage_model"]
+    fps = models.count_parameters(unet.fps_embedding)
     assert fps == 2_050_560
 
 
@@ -107,36 +109,36 @@ def test_fps_conditions_the_unet():
 
 def tiny_checkpoint(path, seed=0):
     torch.manual_seed(seed)
-    models = vc2.build_models(*TINY)
-    for model in models:  # random, not init-time zeros, so a misplaced tensor shows
+    nets = vc2.build_models(*TINY)
+    for model in nets:  # random, not init-time zeros, so a misplaced tensor shows
         for p in model.parameters():
             torch.nn.init.normal_(p, std=0.05)
-    state = vc2.official_state_dict(*models)
+    state = vc2.official_state_dict(*nets)
     state.update({k: torch.zeros(1400 if k == "scale_arr" else 1000) for k in vc2.SCHEDULE_BUFFERS})
     torch.save({"state_dict": state, "epoch": 3}, path)
-    return models
+    return nets
 
 
 def test_tiny_official_checkpoint_converts_caches_and_generates(tmp_path):
-    models = tiny_checkpoint(tmp_path / "model.ckpt")
-    out = vc2.convert(str(tmp_path / "model.ckpt"), str(tmp_path / "vc2"), common._tiny_clip_tokenizer(), configs=TINY)
+    nets = tiny_checkpoint(tmp_path / "model.ckpt")
+    out = vc2.convert(str(tmp_path / "model.ckpt"), str(tmp_path / "vc2"), animatediff.tiny_clip_tokenizer(), configs=TINY)
     unet = vc2.VideoCrafter2UNet.from_pretrained(os.path.join(out, "unet")).eval()
     from diffusers import AutoencoderKL
     from transformers import AutoTokenizer, CLIPTextModel
 
     vae = AutoencoderKL.from_pretrained(os.path.join(out, "vae"))
     text_encoder = CLIPTextModel.from_pretrained(os.path.join(out, "text_encoder"))
-    for ours, original in zip((unet, vae, text_encoder), models):
+    for ours, original in zip((unet, vae, text_encoder), nets):
         theirs = original.state_dict()
         assert all(torch.equal(v, theirs[k]) for k, v in ours.state_dict().items())
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(out, "tokenizer"))
     assert tokenizer("a cat", padding="max_length", max_length=12).input_ids[-1] == 0  # OpenCLIP's padding
     stamp = os.path.getmtime(os.path.join(out, "videocrafter2.json"))
-    vc2.convert(str(tmp_path / "model.ckpt"), str(tmp_path / "vc2"), common._tiny_clip_tokenizer(), configs=TINY)
+    vc2.convert(str(tmp_path / "model.ckpt"), str(tmp_path / "vc2"), animatediff.tiny_clip_tokenizer(), configs=TINY)
     assert os.path.getmtime(os.path.join(out, "videocrafter2.json")) == stamp  # cached: converted once
 
-    text = common.encode_prompts(text_encoder, tokenizer, ["a cat runs"], "cpu")
-    uncond = common.encode_prompts(text_encoder, tokenizer, [""], "cpu")
+    text = vc2.encode_prompts(text_encoder, tokenizer, ["a cat runs"], "cpu")
+    uncond = vc2.encode_prompts(text_encoder, tokenizer, [""], "cpu")
     scheduler = vc2.scheduler_of()
     g = torch.Generator().manual_seed(0)
     latents = vc2.sample(unet, scheduler, text, uncond, torch.randn(1, 4, 4, 8, 8, generator=g), fps=16,
@@ -195,20 +197,20 @@ def test_vip_loop_runs_one_stage_on_a_tiny_vc2(tmp_path, tiny_reward):
 def test_every_kind_of_block_is_removable_and_removal_saves_parameters_and_flops():
     torch.manual_seed(0)
     unet = vc2.VideoCrafter2UNet(**vc2.TINY_UNET_CONFIG).eval()
-    blocks = common.list_blocks(unet)
+    blocks = models.list_blocks(vc2, unet)
     kinds = {b["name"].split(".")[-2] if "." in b["name"] else b["name"] for b in blocks}
     assert kinds == {"transformer_in", "resnets", "temp_convs", "attentions", "temp_attentions"}
     chosen = ["transformer_in"] + [next(b["name"] for b in blocks if f".{k}." in b["name"])
                                    for k in ("resnets", "temp_convs", "attentions", "temp_attentions")]
     x, text = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 5, 32)
-    flops, params = common.count_flops(unet, 3, 16, 16, vae_scale_factor=2), common.count_parameters(unet)
+    flops, params = models.count_flops(vc2, unet, 3, 64, 64), models.count_parameters(unet)
     with torch.no_grad():
         full = unet(x, 10, text).sample
-        with common.blocks_removed(unet, chosen):
+        with models.blocks_removed(vc2, unet, chosen):
             pruned = unet(x, 10, text).sample
-            assert common.removed_blocks(unet) == chosen
-            assert common.count_flops(unet, 3, 16, 16, vae_scale_factor=2) < flops
-            saved = params - common.count_parameters(unet)
+            assert models.removed_blocks(vc2, unet) == chosen
+            assert models.count_flops(vc2, unet, 3, 64, 64) < flops
+            saved = params - models.count_parameters(unet)
             assert saved == sum(b["params"] for b in blocks if b["name"] in chosen)
         assert torch.equal(unet(x, 10, text).sample, full)  # put back as it was
     assert pruned.shape == full.shape and not torch.allclose(pruned, full)

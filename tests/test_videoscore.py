@@ -15,7 +15,8 @@ from safetensors import safe_open
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import (ASPECTS, REGRESSION_QUERY_PROMPT, Idefics2ForSequenceClassification,  # noqa: E402
-                               VideoScorer, build_tiny_videoscore, read_video, sample_frames)
+                    VideoScorer, read_video, sample_frames)
+from rewards import build_tiny_videoscore  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -1,15 +1,21 @@
 """The exact-reward world: renderer, reward aspects under corruptions, pixel VAE, the teacher's
-training script, and a short loop on the committed teacher. Run: python -m pytest -q tests/test_world.py"""
+training script, a short loop on the committed teacher, and the ablation's plumbing. Run: python -m pytest -q tests/test_world.py"""
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
 import torch
 import yaml
 
+import ablation
 import common
 import features
+import models
+import prune
+import stage
+import train_world_teacher
 import world
 from conftest import ROOT, run_script
 
@@ -128,30 +134,31 @@ def test_pixel_vae_is_lossless(tmp_path):
 
 def test_teacher_training_script_runs_and_resumes(tmp_path, capsys):
     out = tmp_path / "teacher"
-    world.main(world.parse_args(["teacher", "--output_dir", str(out), "--max_train_steps", "2", "--checkpointing_steps", "2",
+    train_world_teacher.main(train_world_teacher.parse_args(["--output_dir", str(out), "--max_train_steps", "2", "--checkpointing_steps", "2",
                                  "--train_batch_size", "2", "--block_out_channels", "32", "32", "--snr_gamma", "5"]))
     state = torch.load(out / "train_state.pt", weights_only=True)
     assert state["step"] == 2
-    world.main(world.parse_args(["teacher", "--output_dir", str(out), "--max_train_steps", "3", "--checkpointing_steps", "3",
+    train_world_teacher.main(train_world_teacher.parse_args(["--output_dir", str(out), "--max_train_steps", "3", "--checkpointing_steps", "3",
                                  "--train_batch_size", "2", "--block_out_channels", "32", "32", "--snr_gamma", "5"]))
     state = torch.load(out / "train_state.pt", weights_only=True)
     assert "resumed from" in capsys.readouterr().out
     assert state["step"] == 3 and {s["step"].item() for s in state["optimizer"]["state"].values()} == {3.0}  # 2 + 1, not 0 + 3
     # a kill between save_teacher's two renames leaves a folder as <folder>.old: the rerun puts it back
     os.replace(out / "motion_adapter", out / "motion_adapter.old")
-    world.main(world.parse_args(["teacher", "--output_dir", str(out), "--max_train_steps", "3",
+    train_world_teacher.main(train_world_teacher.parse_args(["--output_dir", str(out), "--max_train_steps", "3",
                                  "--block_out_channels", "32", "32"]))
     assert (out / "motion_adapter" / "config.json").exists() and not (out / "motion_adapter.old").exists()
-    args = common.parse_config(["--config", str(ROOT / "configs/world.yaml"), "--pretrained_model_name_or_path",
-                                str(out / "sd"), "--motion_adapter", str(out / "motion_adapter"),
-                                "--num_inference_steps", "2"], "t", {"model": common.MODEL_OPTIONS})
-    unet = common.load_unet(args)
+    args = stage.parse_config(["--config", str(ROOT / "configs/world.yaml"), "--pretrained_model_name_or_path",
+                               str(out / "sd"), "--motion_adapter", str(out / "motion_adapter"),
+                               "--num_inference_steps", "2"], "t", {"model": stage.MODEL_OPTIONS})
+    backend = stage.backend_of(args)
+    unet = models.load_model(backend, args)
     state = torch.load(out / "train_state.pt", weights_only=True)
     saved = unet.state_dict()
     assert set(state["ema"]) == {k for k, p in unet.named_parameters()}
     assert all(torch.equal(saved[k], v) for k, v in state["ema"].items())  # the teacher is the average, split and rejoined
     assert any(not torch.equal(saved[k], v) for k, v in state["unet"].items())  # which is not the last weights
-    frames = common.generate(common.load_pipeline(args, unet), ["a red square moves left slowly"], [0], args)
+    frames = backend.generate(backend.load_pipeline(args, unet), ["a red square moves left slowly"], [0], args)
     assert frames.shape == (1, 8, 16, 16, 3)
 
 
@@ -160,10 +167,10 @@ def test_snr_weight_lifts_low_noise_steps_and_keeps_the_zero_snr_step():
 
     scheduler = DDPMScheduler(beta_schedule="linear", beta_start=0.00085, beta_end=0.012, rescale_betas_zero_snr=True)
     t = torch.tensor([0, 100, 200, 700, 999])  # SNR ~1e4, 6.3, 1.95, 0.02, 0
-    w = world.snr_weight(scheduler, t, 5.0)
+    w = train_world_teacher.snr_weight(scheduler, t, 5.0)
     assert w[-1] == 1.0  # min-SNR would give the zero-SNR step weight 0
     assert w[0] == w[1] == 5.0 and 1.9 < w[2] < 2.0 and w[3] == 1.0
-    assert torch.equal(world.snr_weight(scheduler, t, None), torch.ones(5))
+    assert torch.equal(train_world_teacher.snr_weight(scheduler, t, None), torch.ones(5))
 
 
 def mean_scores(frames, prompts):
@@ -180,19 +187,20 @@ def test_committed_teacher_is_small_and_its_motion_modules_matter():
     sizes = [os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(ROOT / "weights" / "world") for f in fs
              if not f.startswith("train_state")]
     assert 0 < sum(sizes) <= 20 * 2 ** 20
-    args = common.parse_config(["--config", str(ROOT / "configs/world.yaml")], "t", {"model": common.MODEL_OPTIONS})
+    args = stage.parse_config(["--config", str(ROOT / "configs/world.yaml")], "t", {"model": stage.MODEL_OPTIONS})
     args.pretrained_model_name_or_path = str(ROOT / args.pretrained_model_name_or_path)
     args.motion_adapter = str(ROOT / args.motion_adapter)
-    unet = common.load_unet(args)
-    blocks = [b["name"] for b in common.list_blocks(unet)]
+    backend = stage.backend_of(args)
+    unet = models.load_model(backend, args)
+    blocks = [b["name"] for b in models.list_blocks(backend, unet)]
     assert len(blocks) == 7
-    pipe = common.load_pipeline(args, unet)
+    pipe = backend.load_pipeline(args, unet)
     _, held = world.split_prompts()
     seeds = list(range(len(held)))
-    full = mean_scores(common.generate(pipe, held, seeds, args), held)
+    full = mean_scores(backend.generate(pipe, held, seeds, args), held)
     assert all(full[a] >= floor for a, floor in TEACHER_FLOOR.items()), full
-    with common.blocks_removed(unet, blocks):
-        still = mean_scores(common.generate(pipe, held, seeds, args), held)
+    with models.blocks_removed(backend, unet, blocks):
+        still = mean_scores(backend.generate(pipe, held, seeds, args), held)
     assert full["dynamic_degree"] - still["dynamic_degree"] >= 1.0, (full, still)
     assert full["temporal_consistency"] - still["temporal_consistency"] >= 1.0, (full, still)
 
@@ -219,58 +227,72 @@ def test_a_short_loop_on_the_world(tmp_path):
 
 
 def test_ablation_shares_what_variants_share_and_gathers_seeds(tmp_path, monkeypatch):
-    """The ablation's plumbing, with each script replaced by a record of its call: stage 1 prunes
-    and curates once for all variants, offline ReDPO trains on stage 1's pairs at stage 2 while
-    every online variant curates its own, --num_blocks reaches each stage's prune, and the table
-    is the mean and spread of the seeds' results."""
-    calls = []
-
-    def fake_run(script, config, out, *flags):
-        calls.append((script, out, flags))
-        os.makedirs(os.path.join(out, "student"), exist_ok=True)
-        if script == "curate.py":
-            open(os.path.join(out, "pairs.jsonl"), "w").close()
-        if script == "evaluate.py":  # one row a model: teacher, then the students in ROWS' order
-            rows = [{"scores": {a: 3.0 - 0.1 * k for a in common.ASPECTS[:4]}} for k in range(len(world.ROWS))]
-            common.atomic_write_json(os.path.join(out, "eval.json"), {"models": rows})
-        return out
-
-    monkeypatch.setattr(world, "_run", fake_run)
-    monkeypatch.setattr(world, "pruned_baseline", lambda config, root, final: os.path.join(root, "pruned_untrained"))
+    """The ablation's plumbing, through the real vip_loop.sh with each script a record of its call
+    (tests/fake_stage.py): stage 1 prunes and curates once for all variants, offline ReDPO trains on
+    stage 1's pairs at stage 2 while every online variant curates its own, --num_blocks reaches each
+    stage's prune, and the table is the mean and spread of the seeds' results."""
+    log = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("LAUNCH", f"{sys.executable} {ROOT / 'tests' / 'fake_stage.py'}")
+    monkeypatch.setenv("FAKE_LOG", str(log))
+    monkeypatch.setattr(ablation, "pruned_baseline", lambda config, root, final: os.path.join(root, "pruned_untrained"))
     out = tmp_path / "ablation"
-    world.main(world.parse_args(["ablation", "--seeds", "0", "--num_blocks", "3", "2", "--output_dir", str(out)]))
+    ablation.main(ablation.parse_args(["--seeds", "0", "--num_blocks", "3", "2", "--output_dir", str(out)]))
 
-    prunes = [(o, f) for s, o, f in calls if s == "prune.py"]
-    assert [f[:2] for _, f in prunes] == [("--num_blocks", "3")] + [("--num_blocks", "2")] * 3  # shared, then sft/dpo/redpo
-    curates = [o for s, o, _ in calls if s == "curate.py"]
-    assert len(curates) == 4 and curates[0].endswith(os.path.join("stage_1", "shared", "curate"))
-    trains = {o: f[f.index("--pairs") + 1] for s, o, f in calls if s == "train_redpo.py"}
-    assert len(trains) == 7  # stage 1: sft, dpo, redpo (offline is the same run); stage 2: all four
-    stage1_pairs = os.path.join(curates[0], "pairs.jsonl")
-    assert trains[str(out / "seed_0" / "stage_2" / "redpo_offline" / "train")] == stage1_pairs
-    assert trains[str(out / "seed_0" / "stage_2" / "redpo" / "train")] == str(out / "seed_0" / "stage_2" / "redpo" / "curate" / "pairs.jsonl")
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    seed = os.path.realpath(out / "seed_0")
+    ran = lambda script: [os.path.relpath(c["out"], seed) for c in calls if c["script"] == script and not c["done"]]  # noqa: E731
+    assert sorted(ran("prune.py")) == ["dpo_only/stage_2/prune", "redpo/stage_2/prune", "sft/stage_2/prune",
+                                       "shared/stage_1/prune"]
+    assert sorted(ran("curate.py")) == ["dpo_only/stage_2/curate", "redpo/stage_2/curate", "sft/stage_2/curate",
+                                        "shared/stage_1/curate"]
+    assert sorted(ran("train_redpo.py")) == sorted(  # stage 1: offline's is ReDPO's run; stage 2: all four
+        f"{tag}/stage_{k}/train" for k in (1, 2) for tag in ("redpo", "sft", "dpo_only", "redpo_offline")
+        if (tag, k) != ("redpo_offline", 1))
+    trains = {os.path.relpath(c["out"], seed): c["flags"]["pairs"][0] for c in calls if c["script"] == "train_redpo.py"}
+    assert os.path.realpath(trains["redpo_offline/stage_2/train"]) == os.path.join(seed, "shared/stage_1/curate/pairs.jsonl")
+    assert os.path.realpath(trains["redpo/stage_2/train"]) == os.path.join(seed, "redpo/stage_2/curate/pairs.jsonl")
+    losses = {tag: yaml.safe_load((out / "seed_0" / f"{tag}.yaml").read_text())["train"]["loss_type"]
+              for tag in ("sft", "dpo_only", "redpo", "redpo_offline")}
+    assert losses == {"sft": "sft", "dpo_only": "dpo", "redpo": "redpo", "redpo_offline": "redpo"}
+    config = yaml.safe_load((out / "seed_0" / "redpo.yaml").read_text())
+    assert config["prune"]["num_blocks"] == [3, 2] and config["prune"]["prune_params"] is None
+    assert config["prune"]["seed"] == config["curate"]["seed"] == config["train"]["seed"] == 0
 
     # a second seed's result, as a separate process would leave it; gathering reads both back
-    scores = {r: {a: 2.0 for a in common.ASPECTS[:4]} for r in world.ROWS}
+    scores = {r: {a: 2.0 for a in common.ASPECTS[:4]} for r in ablation.ROWS}
     common.atomic_write_json(str(out / "seed_1" / "result.json"), {"seconds": 60.0, "scores": scores})
-    n = len(calls)
-    world.main(world.parse_args(["ablation", "--seeds", "0", "1", "--num_blocks", "3", "2", "--output_dir", str(out)]))
-    assert len(calls) == n  # both seeds done: nothing runs again
+    n = len(log.read_text().splitlines())
+    ablation.main(ablation.parse_args(["--seeds", "0", "1", "--num_blocks", "3", "2", "--output_dir", str(out)]))
+    assert len(log.read_text().splitlines()) == n  # both seeds done: nothing runs again
     table = (out / "ablation.md").read_text()
     assert "2 stages cutting 3+2 motion modules" in table
-    assert yaml.safe_load((out / "seed_0" / "config.yaml").read_text())["prune"]["prune_params"] is None
     assert "| teacher (M0) | 2.500 ± 0.707 |" in table and "| +ReDPO offline | 2.250 ± 0.354 |" in table
+    assert "| 0 | ReDPO - SFT | -0.200 |" in table and "| 1 | online - offline | +0.000 |" in table  # the fake's rows
 
-    with pytest.raises(SystemExit, match="seed_0/settings.json: made with other --stages, --num_blocks"):
-        world.main(world.parse_args(["ablation", "--seeds", "0", "--num_blocks", "2", "--output_dir", str(out)]))
+    with pytest.raises(common.ConfigError, match="seed_0/settings.json: made with other --stages, --num_blocks"):
+        ablation.main(ablation.parse_args(["--seeds", "0", "--num_blocks", "2", "--output_dir", str(out)]))
 
-    calls.clear()  # without --num_blocks, the config's budget decides
-    world.main(world.parse_args(["ablation", "--seeds", "3", "--output_dir", str(out)]))
-    assert all("--num_blocks" not in f for s, _, f in calls if s == "prune.py")
+    log.write_text("")  # without --num_blocks, the config's budget decides
+    ablation.main(ablation.parse_args(["--seeds", "3", "--output_dir", str(out)]))
+    assert "num_blocks" not in yaml.safe_load((out / "seed_3" / "redpo.yaml").read_text())["prune"]
     assert "2 stages each cutting at least 250,000 motion-module parameters" in (out / "ablation.md").read_text()
 
-    with pytest.raises(SystemExit, match="--num_blocks: expected one number or 2"):
-        world.main(world.parse_args(["ablation", "--num_blocks", "1", "2", "3", "--output_dir", str(out)]))
+    with pytest.raises(common.ConfigError, match="--num_blocks: expected one number or 2"):
+        ablation.parse_args(["--num_blocks", "1", "2", "3", "--output_dir", str(out)])
+
+
+def test_a_list_of_num_blocks_cuts_by_stage(tiny_stage, tmp_path):
+    """prune.num_blocks [3, 2]: a student's stage is the number of prune.py runs among its parents."""
+    first = tiny_stage / "prune" / "student"
+    assert models.stage_of(None) == 0 and models.stage_of(str(first)) == 1
+    assert prune.blocks_this_stage([3, 2], None) == 3 and prune.blocks_this_stage([3, 2], str(first)) == 2
+    assert prune.blocks_this_stage(4, str(first)) == 4
+    trained = tmp_path / "trained"  # a trained student names the pruned one as its parent
+    trained.mkdir()
+    meta = json.loads((first / "student.json").read_text())
+    meta.pop("pruned_this_stage")
+    (trained / "student.json").write_text(json.dumps({**meta, "parent": str(first)}))
+    assert models.stage_of(str(trained)) == 1 and prune.blocks_this_stage([3, 2, 1], str(trained)) == 2
 
 
 def test_ablation_jobs_runs_each_unfinished_seed_in_its_own_process(tmp_path, monkeypatch):
@@ -279,7 +301,7 @@ def test_ablation_jobs_runs_each_unfinished_seed_in_its_own_process(tmp_path, mo
     import subprocess
 
     out, launched = tmp_path / "ablation", []
-    scores = {r: {a: 3.0 for a in common.ASPECTS[:4]} for r in world.ROWS}
+    scores = {r: {a: 3.0 for a in common.ASPECTS[:4]} for r in ablation.ROWS}
     common.atomic_write_json(str(out / "seed_0" / "result.json"), {"seconds": 60.0, "scores": scores})
 
     def fake_run(cmd, stdout, stderr, env):
@@ -292,8 +314,8 @@ def test_ablation_jobs_runs_each_unfinished_seed_in_its_own_process(tmp_path, mo
 
     monkeypatch.setattr(subprocess, "run", fake_run)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
-    argv = ["ablation", "--seeds", "0", "1", "2", "2", "--num_blocks", "3", "2", "--jobs", "2", "--output_dir", str(out)]
-    world.main(world.parse_args(argv))
+    argv = ["--seeds", "0", "1", "2", "2", "--num_blocks", "3", "2", "--jobs", "2", "--output_dir", str(out)]
+    ablation.main(ablation.parse_args(argv))
     assert sorted(s for s, *_ in launched) == [1, 2]  # seed 0 was done; seed 2 named twice runs once
     for seed, cmd, threads, log in launched:
         assert cmd[cmd.index("--num_blocks"):cmd.index("--num_blocks") + 3] == ["--num_blocks", "3", "2"]
@@ -301,5 +323,5 @@ def test_ablation_jobs_runs_each_unfinished_seed_in_its_own_process(tmp_path, mo
         assert threads == "2" and log == str(out / f"seed_{seed}" / "log.txt")
     assert "seeds [0, 1, 2]" in (out / "ablation.md").read_text()
 
-    with pytest.raises(SystemExit, match=r"seed\(s\) \[9\] failed"):
-        world.main(world.parse_args(["ablation", "--seeds", "9", "--jobs", "2", "--output_dir", str(out)]))
+    with pytest.raises(common.ConfigError, match=r"seed\(s\) \[9\] failed"):
+        ablation.main(ablation.parse_args(["--seeds", "9", "--jobs", "2", "--output_dir", str(out)]))

@@ -11,24 +11,29 @@ schedule and sampler, and the conversion of the official checkpoint.
 - Schedule: SD's betas, epsilon prediction, and VC2's latent scaling `use_scale`: the clean latent
   is multiplied by scale(t), 1 at t = 0 falling linearly to 0.7 at t = 399, then 0.7.
 
-Convert the official checkpoint once (a finished output folder is left as it is):
+The official checkpoint is converted on first use, or once by hand (convert_videocrafter2.py):
 
-    python videocrafter2.py convert --checkpoint VideoCrafter/VideoCrafter2 --output_dir weights/videocrafter2
-    python videocrafter2.py convert --checkpoint /path/to/model.ckpt --output_dir weights/videocrafter2
+    python convert_videocrafter2.py --checkpoint VideoCrafter/VideoCrafter2 --output_dir weights/videocrafter2
 """
 
-import argparse
-import json
+import inspect
 import os
+import pickle
 import re
 import shutil
-import sys
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel
-from diffusers.configuration_utils import register_to_config
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipeline, UNet3DConditionModel
+from diffusers.configuration_utils import FrozenDict, register_to_config
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
-from transformers import CLIPTextConfig, CLIPTextModel
+from diffusers.models.resnet import ResnetBlock2D
+from diffusers.utils import BaseOutput
+from huggingface_hub import hf_hub_download
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+import backends.animatediff as animatediff
+import common
+import models
 
 UNET_CONFIG = dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, norm_num_groups=32,
                    cross_attention_dim=1024, attention_head_dim=64)
@@ -73,9 +78,6 @@ class VideoCrafter2UNet(UNet3DConditionModel):
         self.fps_proj = Timesteps(block_out_channels[0], flip_sin_to_cos=True, downscale_freq_shift=0)
         self.fps_embedding = TimestepEmbedding(block_out_channels[0], block_out_channels[0] * 4)
         # config.json keeps only this class's arguments: the parent's other options are VC2's fixed values.
-        from diffusers.configuration_utils import FrozenDict
-        import inspect
-
         ours = inspect.signature(type(self).__init__).parameters
         self._internal_dict = FrozenDict({k: v for k, v in self._internal_dict.items() if k in ours or k.startswith("_")})
 
@@ -244,8 +246,6 @@ def convert_state_dict(state, unet, vae, text_encoder, where="checkpoint"):
     """The official state dict split into our three models' state dicts. Every official key is
     used or known to be unused, and every one of our weights is found with its shape; anything
     else raises, naming the first offending key."""
-    import common
-
     used, converted = set(), []
     unused = unused_text_keys(text_encoder.config.num_hidden_layers)
     for model, prefix, mapping in ((unet, UNET_PREFIX, unet_key_map(unet)), (vae, VAE_PREFIX, vae_key_map(vae)),
@@ -277,10 +277,6 @@ def convert_state_dict(state, unet, vae, text_encoder, where="checkpoint"):
 
 def load_official(path):
     """The state dict of an official VC2 checkpoint, read without running pickled code."""
-    import pickle
-
-    import common
-
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, RuntimeError) as e:
@@ -298,9 +294,6 @@ def load_official(path):
 
 def load_tokenizer(name, cache_dir=None):
     """A CLIP BPE tokenizer from a hub id or folder, in its tokenizer/ subfolder or at its root."""
-    import common
-    from transformers import CLIPTokenizer
-
     for subfolder in ("tokenizer", ""):
         try:
             return CLIPTokenizer.from_pretrained(name, subfolder=subfolder, cache_dir=cache_dir)
@@ -308,18 +301,6 @@ def load_tokenizer(name, cache_dir=None):
             continue
     raise common.ConfigError(f"--tokenizer {name}: no CLIP tokenizer in it (tried tokenizer/ and its root); expected "
                              f"a hub id or folder with OpenCLIP's BPE vocabulary, e.g. {TOKENIZER}")
-
-
-def check_sources(checkpoint, tokenizer, cache_dir=None, revision=None, where="--checkpoint"):
-    """Before converting: the checkpoint (a file, or a hub repo holding model.ckpt, located but not
-    fetched) and the tokenizer are there."""
-    import common
-
-    if not os.path.isfile(checkpoint):
-        common.require_model(checkpoint, ["model.ckpt"], where, "VideoCrafter2's model.ckpt (a file or a hub repo id)",
-                             cache_dir, revision, large=("model.ckpt",))
-    if isinstance(tokenizer, str) and not common.is_local_path(tokenizer):
-        common.require_model(tokenizer, ["vocab.json", "merges.txt"], "--tokenizer", "a CLIP BPE tokenizer", cache_dir)
 
 
 def scheduler_of():
@@ -335,22 +316,18 @@ def convert(checkpoint, output_dir, tokenizer, configs=(UNET_CONFIG, VAE_CONFIG,
     """Convert `checkpoint` (a local model.ckpt, or a hub repo id holding one) into `output_dir`:
     unet/ (VideoCrafter2UNet), vae/, text_encoder/, tokenizer/, scheduler/ in safetensors, then
     videocrafter2.json. A folder that already has videocrafter2.json is returned as it is."""
-    import common
-
     done = os.path.join(output_dir, "videocrafter2.json")
     if os.path.exists(done):
         return output_dir
     path = checkpoint
     if not os.path.isfile(path):
-        from huggingface_hub import hf_hub_download
-
         path = hf_hub_download(checkpoint, "model.ckpt", cache_dir=cache_dir, revision=revision)
     state = load_official(path)
-    models = build_models(*configs, device="meta")
-    converted = convert_state_dict(state, *models, where=path)
+    nets = build_models(*configs, device="meta")
+    converted = convert_state_dict(state, *nets, where=path)
     tmp = output_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    for name, model, weights in zip(("unet", "vae", "text_encoder"), models, converted):
+    for name, model, weights in zip(("unet", "vae", "text_encoder"), nets, converted):
         model.load_state_dict({k: v.float().contiguous() for k, v in weights.items()}, strict=False, assign=True)
         model.save_pretrained(os.path.join(tmp, name))
     if isinstance(tokenizer, str):
@@ -359,7 +336,7 @@ def convert(checkpoint, output_dir, tokenizer, configs=(UNET_CONFIG, VAE_CONFIG,
     tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
     scheduler_of().save_pretrained(os.path.join(tmp, "scheduler"))
     common.atomic_write_json(os.path.join(tmp, "videocrafter2.json"), {
-        "source": checkpoint, "revision": revision, "unet_parameters": common.count_parameters(models[0]),
+        "source": checkpoint, "revision": revision, "unet_parameters": models.count_parameters(nets[0]),
         "scale_b": SCALE_B, "mid_step": MID_STEP, "inference_defaults": INFERENCE_DEFAULTS})
     if os.path.exists(output_dir):  # an unfinished earlier conversion
         shutil.rmtree(output_dir)
@@ -420,9 +397,6 @@ def sample(unet, scheduler, text, uncond, latents, fps, num_inference_steps, gui
     return x
 
 
-from diffusers import DDPMScheduler, DiffusionPipeline  # noqa: E402
-
-
 class VideoCrafter2Scheduler(DDPMScheduler):
     """The training noise schedule: SD's betas and VC2's latent scaling in `add_noise`, so a
     training loop written for diffusers' schedulers noises latents as VC2 was trained."""
@@ -445,17 +419,13 @@ class VideoCrafter2Pipeline(DiffusionPipeline):
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
 
     def _encode(self, prompts):
-        import common
-
-        return common.encode_prompts(self.text_encoder, self.tokenizer, prompts, self._execution_device).to(self.unet.dtype)
+        return animatediff.encode_prompts(self.text_encoder, self.tokenizer, prompts, self._execution_device).to(self.unet.dtype)
 
     @torch.no_grad()
     def __call__(self, prompt, num_frames=INFERENCE_DEFAULTS["num_frames"], height=INFERENCE_DEFAULTS["height"],
                  width=INFERENCE_DEFAULTS["width"], num_inference_steps=INFERENCE_DEFAULTS["num_inference_steps"],
                  guidance_scale=INFERENCE_DEFAULTS["guidance_scale"], generator=None, output_type="latent",
                  fps=INFERENCE_DEFAULTS["fps"], eta=INFERENCE_DEFAULTS["eta"]):
-        from diffusers.utils import BaseOutput
-
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         generators = generator if isinstance(generator, list) else [generator] * len(prompts)
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -481,9 +451,7 @@ class VideoCrafter2Pipeline(DiffusionPipeline):
 def prunable_blocks(unet):
     """Every candidate block's path, in forward order: the first temporal transformer; per level
     each ResBlock whose input and output shapes agree, its temporal convolution, its spatial and
-    temporal transformers. Removed blocks keep their names (see common.RemovedBlock)."""
-    from diffusers.models.resnet import ResnetBlock2D
-
+    temporal transformers. Removed blocks keep their names (see models.RemovedBlock)."""
     def level(prefix, block):
         names = []
         for j in range(len(block.resnets)):
@@ -504,47 +472,101 @@ def prunable_blocks(unet):
     return names
 
 
-def build_tiny(base_dir, seed=0):
+def build_tiny_checkpoint(base_dir, seed=0):
     """A tiny VC2 with random weights, written as an official model.ckpt (beside `base_dir`) and
     converted into `base_dir` by the same path as the real checkpoint. Does nothing if present."""
-    import common
-
     if os.path.exists(os.path.join(base_dir, "videocrafter2.json")):
         return base_dir
     torch.manual_seed(seed)
-    models = build_models(TINY_UNET_CONFIG, TINY_VAE_CONFIG, TINY_TEXT_CONFIG)
-    for model in models:  # the UNet's zero-initialised output layers would make every video the same
+    nets = build_models(TINY_UNET_CONFIG, TINY_VAE_CONFIG, TINY_TEXT_CONFIG)
+    for model in nets:  # the UNet's zero-initialised output layers would make every video the same
         for p in model.parameters():
             torch.nn.init.normal_(p, std=0.05) if p.dim() > 1 else None
-    state = official_state_dict(*models)
+    state = official_state_dict(*nets)
     state.update({k: torch.zeros(1400 if k == "scale_arr" else 1000) for k in SCHEDULE_BUFFERS})
     ckpt = base_dir.rstrip("/") + ".ckpt"
     with common.atomic_path(ckpt) as tmp:
         torch.save({"state_dict": state}, tmp)
-    return convert(ckpt, base_dir, common._tiny_clip_tokenizer(), configs=(TINY_UNET_CONFIG, TINY_VAE_CONFIG,
+    return convert(ckpt, base_dir, animatediff.tiny_clip_tokenizer(), configs=(TINY_UNET_CONFIG, TINY_VAE_CONFIG,
                                                                              TINY_TEXT_CONFIG))
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("convert", help="convert the official model.ckpt into weights/videocrafter2")
-    c.add_argument("--checkpoint", default="VideoCrafter/VideoCrafter2", help="hub repo id holding model.ckpt, or its path")
-    c.add_argument("--output_dir", default="weights/videocrafter2")
-    c.add_argument("--tokenizer", default=TOKENIZER,
-                   help="a CLIP BPE tokenizer (hub id or folder) with OpenCLIP's vocabulary")
-    c.add_argument("--cache_dir", default=None)
-    c.add_argument("--revision", default=None)
-    return p.parse_args(argv)
+# -----------------------------------------------------------------------------
+# The backend interface (backends/README.md).
+
+OPTIONS = {
+    "pretrained_model_name_or_path": ("weights/videocrafter2", "the converted model: a folder written by convert "
+                                                               "(converted from checkpoint on first use)"),
+    "checkpoint": ("VideoCrafter/VideoCrafter2", "the official model.ckpt (hub repo id or path), converted once into "
+                                                 "pretrained_model_name_or_path"),
+}
+STUDENT_KEYS = ("pretrained_model_name_or_path",)
+TABLE = {"blocks": "Block params", "blocks_are": "the prunable blocks", "denoiser": "UNet"}
+# VideoCrafter2's temporal layers (its UNet3D's names): what `trainable: motion_modules` trains here.
+TEMPORAL = ("transformer_in.", ".temp_convs.", ".temp_attentions.")
+TRAINABLE = {"motion_modules": lambda name: any(t in name or name.startswith(t) for t in TEMPORAL),
+             "unet": lambda name: True}
+load_text_encoder, encode_prompts, with_denoiser = animatediff.load_text_encoder, animatediff.encode_prompts, \
+    animatediff.with_denoiser
+generate = models.generate
 
 
-def main(args):
-    check_sources(args.checkpoint, args.tokenizer, args.cache_dir, args.revision)
-    out = convert(args.checkpoint, args.output_dir, args.tokenizer, cache_dir=args.cache_dir, revision=args.revision)
-    print(f"VideoCrafter2 in diffusers' layout: {out}")
+def required_models(args):
+    """The converted folder; before the first conversion, the official checkpoint (located, not
+    fetched: it is 11 GB) and the tokenizer the conversion reads."""
+    base = args.pretrained_model_name_or_path
+    if args.build_tiny:
+        return [dict(where="model.pretrained_model_name_or_path", name=base, files=["videocrafter2.json"],
+                     what="a converted VideoCrafter2 folder", tiny=True)]
+    if os.path.exists(os.path.join(base, "videocrafter2.json")):
+        return []
+    if os.path.exists(base):
+        raise common.ConfigError(f"model.pretrained_model_name_or_path: {base} exists but holds no videocrafter2.json; "
+                                 f"expected a folder written by convert_videocrafter2.py (or a new path)")
+    return sources(args.checkpoint, TOKENIZER, args.revision)
 
 
-if __name__ == "__main__":
-    import common
+def sources(checkpoint, tokenizer, revision=None, where="model.checkpoint"):
+    """What a conversion reads: a checkpoint file or hub repo, and a tokenizer unless it is local."""
+    needed = [] if os.path.isfile(checkpoint) else [
+        dict(where=where, name=checkpoint, files=["model.ckpt"], what="VideoCrafter2's model.ckpt (a file or hub repo id)",
+             revision=revision, large=("model.ckpt",))]
+    if isinstance(tokenizer, str) and not os.path.exists(tokenizer):
+        needed.append(dict(where="tokenizer", name=tokenizer, files=["vocab.json", "merges.txt"],
+                           what="a CLIP BPE tokenizer with OpenCLIP's vocabulary"))
+    return needed
 
-    common.run_main(main, parse_args)
+
+def build_tiny(args):
+    build_tiny_checkpoint(args.pretrained_model_name_or_path)
+
+
+def load_denoiser(args, dtype=None):
+    """VideoCrafter2's UNet, converted from the official checkpoint on first use."""
+    base = args.pretrained_model_name_or_path
+    if not os.path.exists(os.path.join(base, "videocrafter2.json")):
+        convert(args.checkpoint, base, tokenizer=TOKENIZER, **models.hub_kwargs(args))
+    return VideoCrafter2UNet.from_pretrained(base, subfolder="unet", torch_dtype=dtype)
+
+
+def load_pipeline(args, unet, device=None, dtype=None):
+    """VC2's own pipeline (VC2's sampler) with AnimateDiffPipeline's call and `decode_latents`."""
+    vae = AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae", torch_dtype=dtype)
+    pipe = VideoCrafter2Pipeline(vae, *load_text_encoder(args, dtype=dtype), unet, scheduler_of())
+    return animatediff.placed(pipe, device, dtype)
+
+
+def noise_scheduler(args):
+    return training_scheduler()
+
+
+def predict(unet, noisy, timesteps, text):
+    """One training forward: VC2's UNet3D repeats the text per frame itself."""
+    return unet(noisy, timesteps, text).sample
+
+
+def denoise_inputs(unet, batch_size, num_frames, height, width, device=None, dtype=None):
+    h, w = height // 8, width // 8
+    sample = torch.randn(batch_size, unet.config.in_channels, num_frames, h, w, device=device, dtype=dtype)
+    text = torch.randn(batch_size, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)
+    return sample, torch.tensor([500], device=device), text

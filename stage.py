@@ -1,0 +1,556 @@
+"""What every stage script shares: its config (YAML sections + CLI flags, typed and checked), its
+backend (the model family named by model.backend), the models it needs (checked before any work),
+its input files (prompts, pair manifests), its output folder (one run at a time, a rerun skips what
+is done and resumes the rest, results of another config kept aside) and its sharded work.
+"""
+
+import argparse
+import csv
+import fcntl
+import glob
+import importlib
+import json
+import os
+import pkgutil
+import re
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from accelerate.utils import broadcast_object_list
+from huggingface_hub import constants, hf_hub_download
+from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                    RevisionNotFoundError)
+
+from tqdm.auto import tqdm
+
+from common import ConfigError, atomic_write_json, atomic_write_text
+
+# -----------------------------------------------------------------------------
+# Configuration: one YAML per model with a section per stage, CLI flags override it.
+
+SECTIONS = ("model", "reward", "prune", "curate", "train", "eval")
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+# The model section's keys shared by every backend; a backend adds its own (its OPTIONS) and may
+# give these other defaults.
+MODEL_OPTIONS = {
+    "backend": ("animatediff", "model family: a module of backends/ (animatediff, videocrafter2, world, ...) "
+                               "or any importable module with the same interface"),
+    "pretrained_model_name_or_path": (None, "the base model: hub id or local folder"),
+    "cache_dir": (None, "where hub downloads go (default: the Hugging Face cache, HF_HOME)"),
+    "revision": (None, "hub revision (branch, tag or commit) of pretrained_model_name_or_path"),
+    "build_tiny": (False, "build random tiny models at the configured paths when missing (tests, CPU demo); "
+                          "the paths must be local (./x, /x or a/b/c), never a hub id"),
+    "num_frames": (16, "frames per generated video", {"min": 1}),
+    "height": (512, "video height in pixels", {"min": 1}),
+    "width": (512, "video width in pixels", {"min": 1}),
+    "num_inference_steps": (25, "denoising steps per video", {"min": 1}),
+    "guidance_scale": (7.5, "classifier-free guidance scale", {"min": 0}),
+    "fps": (8, "frame rate of the MP4s written", {"min": 1}),
+    "generation_batch_size": (4, "videos generated per pipeline call", {"min": 1}),
+    "mixed_precision": ("no", "no | fp16 | bf16: weights of frozen models and generation; autocast in training",
+                        {"choices": MIXED_PRECISION}),
+}
+
+
+def _rule(option):
+    """(default, help[, rule]) -> (default, rule): the rule's type defaults to the default's, and to
+    str (a path, an id, a name) when the default is None."""
+    default, rule = option[0], dict(option[2]) if len(option) > 2 else {}
+    rule.setdefault("type", str if default is None else list if isinstance(default, (list, tuple)) else type(default))
+    return default, rule
+
+
+def _coerce(value, option, where, from_cli=False):
+    """Cast a YAML or CLI value to its option's type and check its range and choices, so a typo fails
+    here, not mid-run. CLI values are strings (lists: the strings given); YAML is parsed only where
+    the type needs it (numbers, booleans, lists): a path is a string, whatever characters it holds."""
+    default, rule = _rule(option)
+    kind = rule["type"]
+    if value is None or (from_cli and default is None and kind in (int, float) and value.lower() in ("none", "null")):
+        return None
+    if kind is bool:
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string (a path, name or id; quote it in YAML), got {value!r}")
+        if "choices" in rule and value not in rule["choices"]:
+            raise ConfigError(f"{where}: expected one of {', '.join(rule['choices'])}; got {value!r}")
+        return value
+    if kind == "per_stage":  # one number, or a list of one a stage
+        items = value if isinstance(value, list) else [value]
+        numbers = [_coerce(v, (0, "", {**rule, "type": int}), where, from_cli) for v in items]
+        return numbers[0] if len(numbers) == 1 and not (isinstance(value, list) and not from_cli) else numbers
+    if kind is list:
+        value = _as_list(value, where, from_cli)
+        bad = [v for v in value if not isinstance(v, str) or ("choices" in rule and v not in rule["choices"])]
+        if bad:
+            expected = f"a list of {', '.join(rule['choices'])}" if "choices" in rule else "a list of strings"
+            raise ConfigError(f"{where}: expected {expected}; got {bad[0]!r} in {value!r}")
+        return value
+    try:
+        if isinstance(value, bool) or isinstance(value, (list, dict)):
+            raise ValueError
+        if kind is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            number = int(value) if not isinstance(value, str) else int(value.strip())
+        else:
+            number = float(value)
+            if number != number:  # NaN passes every comparison below
+                raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}") from None
+    for bound, ok, words in (("min", lambda x, b: x >= b, "at least"), ("max", lambda x, b: x <= b, "at most"),
+                             ("gt", lambda x, b: x > b, "above"), ("lt", lambda x, b: x < b, "below")):
+        if bound in rule and not ok(number, rule[bound]):
+            raise ConfigError(f"{where}: expected a number {words} {rule[bound]}; got {value!r}")
+    return number
+
+
+def _as_list(value, where, from_cli):
+    if from_cli:  # the strings of `--key a b c`
+        if len(value) > 1:
+            return list(value)
+        value = value[0]
+        if value.startswith("["):  # a YAML flow list, e.g. --aspects '[visual_quality, dynamic_degree]'
+            try:
+                parsed = yaml.safe_load(value)
+            except yaml.YAMLError:
+                parsed = None
+            if not isinstance(parsed, list):
+                raise ConfigError(f"{where}: not a valid YAML list: {value!r}; give the values separated by spaces")
+            return parsed
+    if isinstance(value, str):
+        # One path that exists is one value, commas and all; otherwise comma-separated values.
+        return [value] if os.path.exists(value) else [v for v in value.split(",") if v]
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: expected a list, got {value!r}")
+    return value
+
+
+def parse_config(argv, description, sections):
+    """Build the argparse flags of `sections` ({section: {key: (default, help[, rule])}}), read
+    `--config` and apply CLI overrides. Returns a flat Namespace; `ns._sections` keeps the YAML shape.
+
+    Precedence: CLI flag > YAML value > default. Unknown YAML sections or keys are an error that
+    lists the valid ones. Keys are unique across sections so flags can stay flat, as in diffusers.
+    A rule may give "type" (for a None default; else the default's type; "per_stage": a number or
+    one a stage), "choices", and bounds "min", "max" (inclusive), "gt", "lt" (exclusive). A "model" section gets the options of the
+    backend that the CLI or the YAML names.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config"), pre.add_argument("--backend")
+    early = pre.parse_known_args(argv)[0]
+    data = _read_config(early.config) if early.config else {}
+    if "model" in sections:
+        name = early.backend or (data.get("model") or {}).get("backend") or sections["model"]["backend"][0]
+        sections = {**sections, "model": {**sections["model"], **load_backend(name).OPTIONS}}
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=str, default=None, help="YAML config (configs/<model>.yaml)")
+    for section, options in sections.items():
+        group = parser.add_argument_group(section)
+        for key, option in options.items():
+            is_list = _rule(option)[1]["type"] in (list, "per_stage")
+            group.add_argument(f"--{key}", type=str, default=None, nargs="+" if is_list else None,
+                               help=f"{option[1]} (default: {option[0]})")
+    cli = parser.parse_args(argv)
+
+    values = {}
+    for section, body in data.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{cli.config}: unknown section '{section}'; valid sections: {', '.join(SECTIONS)}")
+        if section not in sections:
+            continue  # another stage's settings
+        if not isinstance(body, dict):
+            raise ConfigError(f"{cli.config}: section '{section}' must be a mapping of key: value")
+        for key, value in body.items():
+            if key not in sections[section]:
+                raise ConfigError(f"{cli.config}: unknown key '{section}.{key}'; valid keys: "
+                                  f"{', '.join(sections[section])}")
+            values[key] = _coerce(value, sections[section][key], f"{cli.config}: {section}.{key}")
+
+    ns = argparse.Namespace(config=cli.config)
+    ns._sections = {}
+    ns._cli = {key for options in sections.values() for key in options if getattr(cli, key) is not None}
+    for section, options in sections.items():
+        ns._sections[section] = {}
+        for key, option in options.items():
+            value = values.get(key, option[0])
+            if getattr(cli, key) is not None:
+                value = _coerce(getattr(cli, key), option, f"--{key}", from_cli=True)
+            setattr(ns, key, value)
+            ns._sections[section][key] = value
+    return ns
+
+
+def _read_config(path):
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections {list(SECTIONS)}")
+    return data
+
+
+def config_dict(args):
+    """The resolved config in YAML shape, refreshed from the Namespace (scripts may fill values)."""
+    return {s: {k: getattr(args, k) for k in keys} for s, keys in args._sections.items()}
+
+
+def save_config(args, path):
+    atomic_write_text(path, yaml.safe_dump(config_dict(args), sort_keys=False))
+
+
+# -----------------------------------------------------------------------------
+# Backends: a model family is one module of backends/ with the names below (backends/README.md).
+
+BACKEND_NAMES = ("OPTIONS", "STUDENT_KEYS", "TABLE", "TRAINABLE", "required_models", "build_tiny", "load_denoiser",
+                 "load_text_encoder", "encode_prompts", "load_pipeline", "with_denoiser", "generate",
+                 "noise_scheduler", "predict", "prunable_blocks", "denoise_inputs")
+
+
+def load_backend(name):
+    """The module of a model family: backends/<name>.py, or a module of that (dotted) name on the
+    path. The one place a backend's name becomes code: nothing else compares names."""
+    for module in [name] if "." in name else [f"backends.{name}", name]:
+        try:
+            backend = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name is None or not (module == e.name or module.startswith(e.name + ".")):
+                raise  # the backend exists; a package it needs does not
+            continue
+        missing = [n for n in BACKEND_NAMES if not hasattr(backend, n)]
+        if missing:
+            raise ConfigError(f"model.backend: {module} is not a backend: it lacks {', '.join(missing)}")
+        return backend
+    portions = importlib.import_module("backends").__path__  # a namespace package: every backends/ on the path
+    found = sorted(m.name for m in pkgutil.iter_modules(portions) if not m.name.startswith("_"))
+    raise ConfigError(f"model.backend: no backend {name!r}; backends: {', '.join(found)} (or a module on the path)")
+
+
+def backend_of(args):
+    return load_backend(args.backend)
+
+
+# -----------------------------------------------------------------------------
+# Models: checked before anything is written, so an offline node fails in one line, at once.
+
+
+def is_local_path(name):
+    """Whether a model name can only be a local path: it exists, or is written as one (absolute,
+    ./ ../ ~, or more than one '/'); hub ids are 'namespace/name' or 'name'."""
+    name = os.fspath(name)
+    return os.path.exists(name) or name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
+
+
+def require_model(name, files, where, what, cache_dir=None, revision=None, large=()):
+    """Check that a model is there before any work starts: a local folder with `files`, or a hub id
+    whose files are cached or downloadable. One ConfigError line says what is wrong and how to fix
+    it (offline clusters meet this on their first run). Files in `large` are only located, not fetched."""
+    name = os.fspath(name)
+    if os.path.isdir(name):
+        missing = [f for f in files if not os.path.isfile(os.path.join(name, f))]
+        if missing:
+            raise ConfigError(f"{where}: {os.path.join(name, missing[0])} is missing; expected {what}")
+        return
+    if is_local_path(name):
+        raise ConfigError(f"{where}: {name}: no such folder; expected {what}")
+    for f in files:
+        try:
+            hf_hub_download(name, f, cache_dir=cache_dir, revision=revision, dry_run=f in large)
+        except LocalEntryNotFoundError:
+            why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"
+            raise ConfigError(f"{where}: {name} is not in the Hugging Face cache ({cache_dir or constants.HF_HUB_CACHE}) "
+                              f"and {why}; fetch it with `hf download {name}` where there is network (then copy the "
+                              f"cache here), or set {where} to a local folder") from None
+        except GatedRepoError:
+            raise ConfigError(f"{where}: {name} is gated on the hub; accept its terms on huggingface.co and run "
+                              f"`hf auth login`") from None
+        except RepositoryNotFoundError:
+            raise ConfigError(f"{where}: {name} is neither a local folder nor a model on the hub (a typo? a private "
+                              f"model needs `hf auth login`); expected {what}") from None
+        except RevisionNotFoundError:
+            raise ConfigError(f"{where}: {name} has no revision {revision!r} on the hub") from None
+        except EntryNotFoundError:
+            raise ConfigError(f"{where}: {name} has no file {f} on the hub; expected {what}") from None
+
+
+def check_models(args, needed):
+    """Every model in `needed` (dicts: where, name, files, what, and optionally revision, large and
+    tiny) is there: a local folder with its files, or a hub id that is cached or downloadable. One
+    marked tiny, with build_tiny set, will be built instead, so it must name a local path: a random
+    model written at a hub id would later pass for the real one."""
+    for m in needed:
+        if args.build_tiny and m.get("tiny"):
+            if not is_local_path(m["name"]):
+                raise ConfigError(f"{m['where']}: {m['name']!r} reads as a hub id, and build_tiny only builds at local "
+                                  f"paths; write it as ./{m['name']} (or another local path), or set build_tiny: false")
+            continue
+        require_model(m["name"], m["files"], m["where"], m["what"], cache_dir=args.cache_dir,
+                      revision=m.get("revision"), large=m.get("large", ()))
+
+
+# -----------------------------------------------------------------------------
+# Input files: prompts, and the pair manifests curate.py writes for train_redpo.py.
+
+
+def read_prompts(path):
+    """Prompts from a text file (one a line), JSONL ({"prompt": ...} a line) or CSV with a
+    `prompt` column (VidProM's export has one)."""
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read prompts ({getattr(e, 'strerror', None) or e})") from None
+    if str(path).endswith(".jsonl"):
+        prompts = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                prompts.append(row["prompt"] if isinstance(row["prompt"], str) else None)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                prompts.append(None)
+            if prompts[-1] is None:
+                raise ConfigError(f"{path}:{i}: expected a JSON object with a 'prompt' string")
+    elif str(path).endswith(".csv"):
+        reader = csv.DictReader(text.splitlines())
+        if "prompt" not in (reader.fieldnames or []):
+            raise ConfigError(f"{path}: expected a CSV header with a 'prompt' column; got {reader.fieldnames}")
+        prompts = [row["prompt"] for row in reader]
+    else:
+        prompts = text.splitlines()
+    prompts = [" ".join(p.split()) for p in prompts if p and p.strip()]
+    if not prompts:
+        raise ConfigError(f"{path}: no prompts; expected one prompt a line, or JSONL/CSV with a 'prompt' field")
+    return prompts
+
+
+MANIFEST_KEYS = ("id", "prompt", "seed", "winner", "loser", "latents", "winner_scores", "loser_scores")
+
+
+def _inside(rel):
+    """A manifest's file path is relative and stays in the manifest's folder."""
+    return isinstance(rel, str) and rel and not os.path.isabs(rel) and \
+        not os.path.normpath(rel).startswith(os.pardir) and os.path.normpath(rel) != "."
+
+
+def read_manifest(path):
+    """The rows of a pair manifest (curate.py's pairs.jsonl), each checked for its fields and types;
+    file paths must be relative to the manifest's folder and stay inside it."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read pair manifest ({getattr(e, 'strerror', None) or e})") from None
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict) or not all(k in row for k in MANIFEST_KEYS):
+            raise ConfigError(f"{path}:{i}: expected a JSON object with {', '.join(MANIFEST_KEYS)}")
+        numbers = lambda d: isinstance(d, dict) and all(isinstance(v, (int, float)) for v in d.values())  # noqa: E731
+        bad = [k for k, ok in (("prompt", isinstance(row["prompt"], str) and row["prompt"].strip()),
+                               ("seed", isinstance(row["seed"], int) and not isinstance(row["seed"], bool)),
+                               ("winner_scores", numbers(row["winner_scores"])),
+                               ("loser_scores", numbers(row["loser_scores"])))
+               if not ok]
+        if bad:
+            raise ConfigError(f"{path}:{i}: '{bad[0]}' is {row[bad[0]]!r}; expected "
+                              + {"prompt": "a prompt string", "seed": "an integer seed"}.get(bad[0], "a dict of scores"))
+        for key in ("winner", "loser", "latents"):
+            if not _inside(row[key]):
+                raise ConfigError(f"{path}:{i}: '{key}' is {row[key]!r}; expected a path relative to the manifest's "
+                                  f"folder and inside it (as curate.py writes)")
+        rows.append(row)
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# The output folder: skip when done, resume otherwise, one run at a time, nothing lost.
+
+
+# Keys that change how a run goes, not what it makes: a rerun differing only in them resumes.
+RUN_ONLY_KEYS = {"output_dir", "resume_from_checkpoint", "report_to", "logging_steps", "checkpointing_steps",
+                 "validation_steps", "validation_prompts", "num_validation_videos",
+                 "checkpoints_total_limit", "dataloader_num_workers", "generation_batch_size", "reward_batch_size"}
+
+
+def _what_it_makes(config, ignore=(), keys=None):
+    """The config without the keys that do not change the artifacts; paths that exist as the files
+    they name (the same folder through a symlink is the same input). With `keys` ({section: keys}),
+    only those: a key this version no longer has cannot change what it makes."""
+    skip = RUN_ONLY_KEYS | set(ignore)
+    keys = keys or {s: list(body) for s, body in config.items()}
+    return {s: {k: _same_file((config.get(s) or {}).get(k, "<unset>")) for k in keys[s] if k not in skip} for s in keys}
+
+
+def _same_file(value):
+    if isinstance(value, list):
+        return [_same_file(v) for v in value]
+    return os.path.realpath(value) if isinstance(value, str) and value and os.path.exists(value) else value
+
+
+def _saved_config(output_dir):
+    try:
+        with open(os.path.join(output_dir, "config.yaml")) as f:
+            saved = yaml.safe_load(f)
+        return saved if isinstance(saved, dict) and all(isinstance(v, dict) for v in saved.values()) else None
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def config_matches(output_dir, args, ignore=()):
+    """True when `output_dir/config.yaml` was written for a config that makes the same artifacts
+    (keys in `ignore` aside)."""
+    saved, current = _saved_config(output_dir), config_dict(args)
+    return saved is not None and _what_it_makes(saved, ignore, current) == _what_it_makes(current, ignore)
+
+
+def stage_done(output_dir, args, final_artifact):
+    """True when `final_artifact` exists and was made with this config: the rerun skips. Reads only."""
+    return config_matches(output_dir, args) and os.path.exists(os.path.join(output_dir, final_artifact))
+
+
+def _config_changes(saved, args, ignore=()):
+    current = config_dict(args)
+    old, new = _what_it_makes(saved or {}, ignore, current), _what_it_makes(current, ignore)
+    keys = [f"{s}.{k}" for s in new for k in new[s] if (old.get(s) or {}).get(k, "<unset>") != new[s][k]]
+    return ", ".join(keys[:4]) + (" ..." if len(keys) > 4 else "") if keys else "unknown config"
+
+
+_LOCKS = {}  # output folder -> open lock file: the lock lives as long as the process
+
+
+def lock_folder(folder):
+    """One run per output folder: an exclusive lock on `folder/.lock`, released when the process
+    ends, however it ends. A second run gets a ConfigError naming the holder."""
+
+    folder = os.path.abspath(folder)
+    if folder in _LOCKS:
+        return
+    f = open(os.path.join(folder, ".lock"), "a+")
+    for attempt in range(50):  # a few seconds, in which a just-killed holder finishes exiting
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ConfigError(f"{folder}: in use by {holder}; wait for it to finish or stop it, "
+                          f"or use another --output_dir") from None
+    f.seek(0), f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} ({' '.join(sys.argv)[:200]})\n")
+    f.flush()
+    _LOCKS[folder] = f
+
+
+def _remove_temporaries(folder):
+    """What killed runs left: files named by tmp_name (.x.tmp<pid>.ext) and folders named *.tmp.
+    Under the folder's lock no other process writes here, so every one of them is stale."""
+
+    stale = re.compile(r"^\..+\.tmp\d+(\.\w+)?$")
+    for root, dirs, files in os.walk(folder):
+        if root == folder and "replaced" in dirs:
+            dirs.remove("replaced")
+        for d in [d for d in dirs if d.endswith(".tmp")]:
+            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+            dirs.remove(d)
+        for name in files:
+            if stale.match(name):
+                os.remove(os.path.join(root, name))
+
+
+def start_stage(accelerator, output_dir, args, results, work=(), work_ignores=(), final=None):
+    """Take `output_dir` for this run, once its inputs are checked: lock it, remove what killed runs
+    left half-written, and write the resolved config beside the outputs.
+
+    Results (glob patterns of what the stage writes) made under another config are moved aside to
+    replaced/<time>/, never deleted, and said so. Where the configs differ only in `work_ignores`,
+    the per-item `work` is kept (it is still valid) and only `final`, the file that marks the stage
+    done, is removed. Every process calls this; the main one acts, and its error is everyone's.
+    Returns the replaced/<time> folder results were moved to, or None."""
+
+    error = aside = None
+    if accelerator.is_main_process:
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+            lock_folder(output_dir)
+            _remove_temporaries(output_dir)
+            if not config_matches(output_dir, args):
+                keep = set(work) if config_matches(output_dir, args, work_ignores) else set()
+                found = [p for pattern in results if pattern not in keep
+                         for p in glob.glob(os.path.join(glob.escape(output_dir), pattern))]
+                if keep:
+                    for path in found:
+                        if os.path.basename(path) == final:
+                            os.remove(path)
+                elif found:
+                    saved = _saved_config(output_dir)
+                    aside = os.path.join(output_dir, "replaced", time.strftime("%Y%m%d-%H%M%S"))
+                    while os.path.exists(aside):
+                        aside += "+"
+                    config = os.path.join(output_dir, "config.yaml")
+                    for path in found + [config] * os.path.exists(config):
+                        dest = os.path.join(aside, os.path.relpath(path, output_dir))
+                        os.makedirs(os.path.dirname(dest), exist_ok=True)
+                        shutil.move(path, dest)
+                    print(f"{output_dir}: made with another config ({_config_changes(saved, args)}); "
+                          f"its results are kept in {aside}", file=sys.stderr)
+            save_config(args, os.path.join(output_dir, "config.yaml"))
+        except ConfigError as e:
+            error = str(e)
+    if accelerator.num_processes > 1:
+        error, aside = broadcast_object_list([error, aside])
+    if error:
+        raise ConfigError(error)
+    return aside
+
+
+def run_items(items, work, out_path, accelerator, desc, batch_size=1):
+    """Resumable sharded work: this process takes items[rank::world] (dicts with a unique "id") in
+    chunks of `batch_size`, skips chunks whose result files all exist, and calls `work(chunk) ->
+    [result]` on the others. Each result lands in `out_path(id)` as JSON, atomically: the files
+    are the gather. The chunks are the same however often the run was killed, so a resumed run
+    batches (and so computes, to the last bit) exactly what an uninterrupted one does. Returns
+    every item's result, on every process, once all processes are done."""
+    mine = items[accelerator.process_index::accelerator.num_processes]
+    chunks = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+    todo = [c for c in chunks if not all(os.path.exists(out_path(it["id"])) for it in c)]
+    done = sum(os.path.exists(out_path(it["id"])) for it in items)
+    accelerator.print(f"{desc}: {len(items)} items on {accelerator.num_processes} process(es), {done} already done")
+    bar = tqdm(total=len(mine), initial=len(mine) - sum(map(len, todo)), desc=desc,
+               disable=not accelerator.is_main_process)
+    try:
+        for chunk in todo:
+            for it, result in zip(chunk, work(chunk), strict=True):
+                atomic_write_json(out_path(it["id"]), result)
+            bar.update(len(chunk))
+    finally:  # before any error's message, so that it is the last line
+        bar.close()
+    accelerator.wait_for_everyone()
+    return [json.loads(Path(out_path(it["id"])).read_text()) for it in items]
+
