@@ -1,4 +1,4 @@
-"""Evaluate: the teacher M0 and any students on held-out prompts, in the paper's table shape.
+r"""Evaluate: the teacher M0 and any students on held-out prompts, in the paper's table shape.
 
 Per model: VideoScore per aspect (mean over prompts), their average, motion-module and UNet
 parameters, FLOPs of one denoising step, and the latency of generating one video.

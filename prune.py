@@ -1,4 +1,4 @@
-"""Prune: remove the motion module(s) whose removal costs the student the least reward.
+r"""Prune: remove the motion module(s) whose removal costs the student the least reward.
 
 Each candidate block of the current student is removed alone; videos are generated for a fixed
 prompt set with fixed seeds and scored; the block(s) that cost least are removed. The aspects on

@@ -1,4 +1,4 @@
-"""Train: ReDPO, the pruned student learning from the frozen teacher M0 on curated pairs.
+r"""Train: ReDPO, the pruned student learning from the frozen teacher M0 on curated pairs.
 
     loss = Diffusion-DPO(student vs teacher, winner vs loser) + w_sft * ||student - teacher||^2 (winners)
 

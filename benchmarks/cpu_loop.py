@@ -4,7 +4,7 @@
     nice -n 19 env OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python benchmarks/cpu_loop.py      # 1 stage
 
 It runs vip_loop.sh itself, on configs/tiny.yaml with the models and the run under --output_dir
-(wiped first, so no stage skips), with LAUNCH set to this script's --time_stage, which starts each
+(wiped first, so no stage skips), with LAUNCH set to time_stage.py, which starts each
 stage as `python <script> ...` would and logs its wall time and CPU time (user + system: on a
 shared machine the steadier figure). The tiny models are built before the loop starts and timed
 apart. Rates come from the stages' own artifacts, after their start-up:
@@ -24,12 +24,17 @@ import json
 import os
 import resource
 import shlex
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as `python benchmarks/cpu_loop.py`
+import bench  # noqa: E402
+import common  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,29 +46,11 @@ def parse_args(argv=None):
     parser.add_argument("--output_dir", default=str(ROOT / "runs" / "bench" / "cpu_loop"),
                         help="models and run go here (wiped first); no whitespace: LAUNCH is split on it")
     parser.add_argument("--output", default=None, help="JSON result file (default: <output_dir>/cpu_loop.json)")
-    parser.add_argument("--time_stage", nargs=argparse.REMAINDER, default=None,
-                        help="LOG SCRIPT ARGS...: run one stage and append its wall time to LOG (used as LAUNCH)")
     args = parser.parse_args(argv)
     args.output = args.output or os.path.join(args.output_dir, "cpu_loop.json")
     argv = sys.argv[1:] if argv is None else list(argv)
     args.command = shlex.join(["python", "benchmarks/cpu_loop.py", *argv])
     return args
-
-
-def time_stage(log, script, *script_args):
-    """Run one stage as `python script args` and append its wall time and CPU time (user + system,
-    which a busy machine disturbs far less than wall time) to `log`."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.perf_counter()
-    code = subprocess.run([sys.executable, script, *script_args]).returncode
-    seconds = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
-    out = script_args[script_args.index("--output_dir") + 1] if "--output_dir" in script_args else ""
-    with open(log, "a") as f:
-        f.write(json.dumps({"stage": Path(script).stem, "output_dir": out, "seconds": seconds, "cpu_seconds": cpu,
-                            "returncode": code}) + "\n")
-    return code
 
 
 def rate_after_first_chunk(paths, chunk, per_item=1):
@@ -101,17 +88,6 @@ def write_config(args, models):
 
 
 def main(args):
-    if args.time_stage is not None:
-        sys.exit(time_stage(*args.time_stage))
-    # Imported here, not at the top: each --time_stage call would pay torch's import in the loop's time.
-    import shutil
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import bench
-    import common
-    import rewards
-    import stage
-
     out = os.path.abspath(args.output_dir)
     if any(c.isspace() for c in out):
         raise SystemExit(f"--output_dir {out!r}: no whitespace (vip_loop.sh splits LAUNCH on it)")
@@ -121,12 +97,13 @@ def main(args):
     config_path, config = write_config(args, models)
 
     start = time.perf_counter()
-    model = stage.parse_config(["--config", config_path], "", {"model": stage.MODEL_OPTIONS})
-    stage.backend_of(model).build_tiny(model)
-    rewards.build_tiny_videoscore(config["reward"]["reward_model"])
+    build = ("import rewards, stage; import sys; a = stage.parse_config(['--config', sys.argv[1]], '', "
+             "{'model': stage.MODEL_OPTIONS, 'reward': rewards.OPTIONS}); stage.backend_of(a).build_tiny(a); "
+             "rewards.build_tiny_videoscore(a.reward_model)")
+    subprocess.run([sys.executable, "-c", build, config_path], cwd=ROOT, check=True)
     build_s = time.perf_counter() - start
 
-    launch = shlex.join([sys.executable, str(Path(__file__).resolve()), "--time_stage", log])
+    launch = shlex.join([sys.executable, str(Path(__file__).resolve().parent / "time_stage.py"), log])
     env = {**os.environ, "LAUNCH": launch, "RUN_DIR": run, "CONFIG": config_path}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
