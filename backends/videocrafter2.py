@@ -16,12 +16,15 @@ The official checkpoint is converted on first use, or once by hand (convert_vide
     python convert_videocrafter2.py --checkpoint VideoCrafter/VideoCrafter2 --output_dir weights/videocrafter2
 """
 
+import html
 import inspect
+import json
 import os
 import pickle
 import re
 import shutil
 
+import ftfy
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipeline, UNet3DConditionModel
 from diffusers.configuration_utils import FrozenDict, register_to_config
@@ -43,12 +46,13 @@ VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_ch
 TEXT_CONFIG = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
                    num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", projection_dim=1024,
                    bos_token_id=49406, eos_token_id=49407, pad_token_id=0)
-# Tiny sizes of the same layout, for tests and CPU runs.
-TINY_UNET_CONFIG = dict(block_out_channels=(32, 64), layers_per_block=2, norm_num_groups=8, cross_attention_dim=32,
-                        attention_head_dim=8, down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
-                        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"))
-TINY_VAE_CONFIG = dict(VAE_CONFIG, block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                       up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, layers_per_block=1, sample_size=32)
+# Tiny sizes of the same layout, for tests and CPU runs: sizes the official code builds too (its group
+# norm is 32; attention at two levels of three, no attention at the coarsest, as in the real model).
+TINY_UNET_CONFIG = dict(block_out_channels=(32, 32, 64), layers_per_block=2, norm_num_groups=32, cross_attention_dim=32,
+                        attention_head_dim=16, down_block_types=("CrossAttnDownBlock3D",) * 2 + ("DownBlock3D",),
+                        up_block_types=("UpBlock3D",) + ("CrossAttnUpBlock3D",) * 2)
+TINY_VAE_CONFIG = dict(VAE_CONFIG, block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                       up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32, layers_per_block=1, sample_size=32)
 TINY_TEXT_CONFIG = dict(TEXT_CONFIG, vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                         num_attention_heads=4, projection_dim=32, bos_token_id=512, eos_token_id=513)
 
@@ -332,8 +336,7 @@ def convert(checkpoint, output_dir, tokenizer, configs=(UNET_CONFIG, VAE_CONFIG,
         model.save_pretrained(os.path.join(tmp, name))
     if isinstance(tokenizer, str):
         tokenizer = load_tokenizer(tokenizer, cache_dir)
-    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(0)  # OpenCLIP pads with token 0 ("!"), not with end-of-text
-    tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+    tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))  # its own pad token: encode_prompts pads with 0
     scheduler_of().save_pretrained(os.path.join(tmp, "scheduler"))
     common.atomic_write_json(os.path.join(tmp, "videocrafter2.json"), {
         "source": checkpoint, "revision": revision, "unet_parameters": models.count_parameters(nets[0]),
@@ -370,13 +373,22 @@ def ddim_step(x, eps, abar_t, abar_prev, scale_t, scale_prev, eta=0.0, noise=Non
     return x_prev + sigma * noise if eta > 0 else x_prev
 
 
+def ddim_timesteps(num_inference_steps, num_train_timesteps=1000):
+    """VC2's DDIM timesteps, ascending: every (1000 // S)-th step from 0, plus 1 (lvdm's "uniform"
+    schedule). Where S does not divide 1000 that is more than S steps, as the official sampler takes:
+    31 for S = 30, from 991. Where the last one would be 1000 (S = 3, 9, 27, 36, 37, 101-111, ...:
+    1000 // S divides 999) the official sampler indexes past its 1000 alphas and crashes; here that
+    step is left out (S = 3 then runs 1, 334, 667)."""
+    c = num_train_timesteps // num_inference_steps
+    return [t + 1 for t in range(0, num_train_timesteps, c) if t + 1 < num_train_timesteps]
+
+
 @torch.no_grad()
 def sample(unet, scheduler, text, uncond, latents, fps, num_inference_steps, guidance_scale, eta=1.0, generator=None):
     """Latents (B, 4, F, h, w) from noise `latents` by VC2's DDIM with classifier-free guidance;
     `text` and `uncond` are (B, 77, D) embeddings of the prompts and of ""; `generator` one or
     one per video, for eta's noise."""
-    scheduler.set_timesteps(num_inference_steps)
-    steps = scheduler.timesteps.tolist()  # 981, 961, ..., 1 for 50 steps
+    steps = ddim_timesteps(num_inference_steps)[::-1]  # 981, 961, ..., 1 for 50 steps
     abar = scheduler.alphas_cumprod
     # The sampler's state, the guidance (which multiplies rounding errors by its scale) and the
     # DDIM update stay in float32, as in VC2; only the UNet runs in its own dtype.
@@ -419,7 +431,7 @@ class VideoCrafter2Pipeline(DiffusionPipeline):
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
 
     def _encode(self, prompts):
-        return animatediff.encode_prompts(self.text_encoder, self.tokenizer, prompts, self._execution_device).to(self.unet.dtype)
+        return encode_prompts(self.text_encoder, self.tokenizer, prompts, self._execution_device).to(self.unet.dtype)
 
     @torch.no_grad()
     def __call__(self, prompt, num_frames=INFERENCE_DEFAULTS["num_frames"], height=INFERENCE_DEFAULTS["height"],
@@ -506,9 +518,43 @@ TABLE = {"blocks": "Block params", "blocks_are": "the prunable blocks", "denoise
 TEMPORAL = ("transformer_in.", ".temp_convs.", ".temp_attentions.")
 TRAINABLE = {"motion_modules": lambda name: any(t in name or name.startswith(t) for t in TEMPORAL),
              "unet": lambda name: True}
-load_text_encoder, encode_prompts, with_denoiser = animatediff.load_text_encoder, animatediff.encode_prompts, \
-    animatediff.with_denoiser
+with_denoiser = animatediff.with_denoiser
 generate = models.generate
+
+
+def load_text_encoder(args, dtype=None):
+    """The text tower and its BPE tokenizer, rebuilt from the vocabulary and merges alone: a
+    tokenizer saved with token 0 ("!") as its pad token (as conversions before this one did) would
+    otherwise take every "!" in a prompt for that special token."""
+    text_encoder = CLIPTextModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder",
+                                                 dtype=dtype).eval().requires_grad_(False)
+    return text_encoder, bpe_tokenizer(CLIPTokenizer.from_pretrained(args.pretrained_model_name_or_path,
+                                                                     subfolder="tokenizer"))
+
+
+def bpe_tokenizer(tokenizer):
+    """`tokenizer`'s vocabulary and merges in a CLIPTokenizer of their own, with no added tokens."""
+    bpe = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in bpe["merges"]]
+    return CLIPTokenizer(vocab=bpe["vocab"], merges=merges)
+
+
+def clean(text):
+    """OpenCLIP's cleaning before BPE: ftfy's fixes, HTML entities undone (twice, as it does), and
+    runs of whitespace folded to one space."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text)))
+    return re.sub(r"\s+", " ", text.strip()).strip()
+
+
+def encode_prompts(text_encoder, tokenizer, prompts, device, context_length=77):
+    """OpenCLIP's text conditioning: cleaned prompts, start and end tokens, cut to 77 with the end
+    token kept last, padded with token 0 (not with end-of-text, as CLIP's own tokenizer pads); the
+    encoder's last hidden state (23 layers: the penultimate of OpenCLIP's 24) over all 77 positions."""
+    rows = tokenizer([clean(p) for p in prompts], truncation=True, max_length=context_length).input_ids
+    ids = torch.zeros(len(rows), context_length, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = torch.tensor(row)
+    return text_encoder(ids.to(device))[0]
 
 
 def required_models(args):

@@ -196,3 +196,33 @@ def test_hub_ids_load_offline_from_cache_dir_at_a_revision(tiny_args, tiny_dir, 
     tiny_args.cache_dir = str(tmp_path / "empty")  # offline, nothing cached: fails, never downloads
     with pytest.raises(OSError):
         models.load_model(animatediff, tiny_args)
+
+
+def test_a_removed_motion_module_generates_what_diffusers_own_pipeline_does_with_it_zeroed(tiny_args, tiny_dir):
+    """prune.py's removal (an identity in the module's place, in our pipeline) against diffusers' own
+    AnimateDiffPipeline, built as its docs build it (from_pretrained of the SD folder with a motion
+    adapter), whose module has its output projection zeroed: a residual module with a zero update
+    is the identity, so the two must generate the same video."""
+    from diffusers import AnimateDiffPipeline, DDIMScheduler
+
+    name, prompts, seeds = "up_blocks.1.motion_modules.1", ["a red ball rolls left", "a cat jumps"], [3, 4]
+    unet = models.load_model(animatediff, tiny_args)
+    models.remove_blocks(animatediff, unet, [name])
+    ours = models.generate(animatediff.load_pipeline(tiny_args, unet), prompts, seeds, tiny_args, return_latents=True)
+
+    adapter = MotionAdapter.from_pretrained(tiny_args.motion_adapter)
+    module = adapter.up_blocks[1].motion_modules[1]
+    torch.nn.init.zeros_(module.proj_out.weight), torch.nn.init.zeros_(module.proj_out.bias)
+    scheduler = DDIMScheduler.from_pretrained(tiny_args.pretrained_model_name_or_path, subfolder="scheduler",
+                                              beta_schedule="linear", clip_sample=False, timestep_spacing="linspace",
+                                              steps_offset=1)
+    pipe = AnimateDiffPipeline.from_pretrained(tiny_args.pretrained_model_name_or_path, motion_adapter=adapter,
+                                               scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(prompt=prompts, num_frames=tiny_args.num_frames, height=tiny_args.height, width=tiny_args.width,
+                  num_inference_steps=tiny_args.num_inference_steps, guidance_scale=tiny_args.guidance_scale)
+    gens = lambda: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    latents = pipe(**kwargs, generator=gens(), output_type="latent").frames
+    video = pipe(**kwargs, generator=gens(), output_type="np").frames  # (B, F, H, W, 3) in [0, 1]
+    assert (latents - ours[1]).abs().max() <= 1e-5 * latents.abs().max()
+    assert abs(ours[0] / 255.0 - video).max() <= 1 / 255 + 1e-6  # ours rounds to uint8

@@ -11,7 +11,7 @@ import torch
 
 import models
 from backends import animatediff
-from benchmarks import cpu_loop, generation, time_stage, train_step
+from benchmarks import cpu_loop, generation, time_stage, train_step, vc2_precision
 
 bench = train_step.bench
 
@@ -132,3 +132,11 @@ def test_cpu_loop_times_a_stage_and_reads_rates(tmp_path):
         (tmp_path / f"checkpoint-{step}" / "model.safetensors").write_text("x")
         os.utime(tmp_path / f"checkpoint-{step}" / "model.safetensors", (t, t))
     assert cpu_loop.steps_per_second(str(tmp_path)) == pytest.approx(2.0)
+
+
+def test_vc2_precision_compares_bf16_with_fp32_sampling(tmp_path):
+    result = vc2_precision.main(vc2_precision.parse_args(["--steps", "2", "--seeds", "0", "--output",
+                                                          str(tmp_path / "p.json")]))
+    (row,) = result["rows"]
+    assert row["steps"] == 2 and 0 < row["latents_rms_rel"] < 1 and row["video_max_levels"] >= row["video_mean_levels"]
+    assert json.loads((tmp_path / "p.json").read_text())["rows"] == result["rows"]

@@ -131,8 +131,12 @@ def test_tiny_official_checkpoint_converts_caches_and_generates(tmp_path):
     for ours, original in zip((unet, vae, text_encoder), nets):
         theirs = original.state_dict()
         assert all(torch.equal(v, theirs[k]) for k, v in ours.state_dict().items())
-    tokenizer = AutoTokenizer.from_pretrained(os.path.join(out, "tokenizer"))
-    assert tokenizer("a cat", padding="max_length", max_length=12).input_ids[-1] == 0  # OpenCLIP's padding
+    tokenizer = vc2.bpe_tokenizer(AutoTokenizer.from_pretrained(os.path.join(out, "tokenizer")))
+    seen = []
+    vc2.encode_prompts(lambda ids: (seen.append(ids), text_encoder(ids))[1], tokenizer, ["a cat!"], "cpu")
+    ids = tokenizer("a cat!").input_ids
+    assert seen[0].shape == (1, 77) and (seen[0][0, len(ids):] == 0).all()  # padded with token 0, as OpenCLIP pads
+    assert seen[0][0, :len(ids)].tolist() == ids and 0 not in ids  # the "!" a word of its own, not the pad
     stamp = os.path.getmtime(os.path.join(out, "videocrafter2.json"))
     vc2.convert(str(tmp_path / "model.ckpt"), str(tmp_path / "vc2"), animatediff.tiny_clip_tokenizer(), configs=TINY)
     assert os.path.getmtime(os.path.join(out, "videocrafter2.json")) == stamp  # cached: converted once

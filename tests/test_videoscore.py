@@ -4,6 +4,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import json
 import sys
+from pathlib import Path
 
 import imageio.v2 as imageio
 import numpy as np
@@ -17,6 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import (ASPECTS, REGRESSION_QUERY_PROMPT, Idefics2ForSequenceClassification,  # noqa: E402
                     VideoScorer, read_video, sample_frames)
 from rewards import build_tiny_videoscore  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +137,28 @@ def test_sample_frames():
     assert sample_frames(np.arange(17), 16).tolist() == list(range(16))
     assert sample_frames(np.arange(10), 16).tolist() == list(range(10))
     assert sample_frames(np.arange(16), 16).tolist() == list(range(16))
+
+
+def test_prompt_and_frames_are_what_the_official_script_gives():
+    """Against examples/run_videoscore.py's own output (tests/fixtures/videoscore_official.json): the
+    frame indices for every clip length up to 300 at 16 and 48 frames, the whole prompt it assembles
+    for two prompts (hashed), and the frames its PyAV reader returns for one MP4 (hashed)."""
+    import hashlib
+
+    ref = json.loads((FIXTURES / "videoscore_official.json").read_text())
+    for m, by_length in ref["indices"].items():
+        for n, indices in by_length.items():
+            assert sample_frames(np.arange(int(n)), int(m)).tolist() == indices, (m, n)
+    for key, official in ref["prompts"].items():
+        k, prompt = key.split("|", 1)
+        ours = REGRESSION_QUERY_PROMPT.format(text_prompt=prompt) + "<image> " * int(k)  # as VideoScorer builds it
+        assert hashlib.sha256(ours.encode()).hexdigest() == official["sha256"]
+    frames = read_video(FIXTURES / "videoscore_clip.mp4")
+    assert len(frames) == ref["clip_total_frames"]
+    for m, official in ref["clip_frames"].items():
+        ours = np.ascontiguousarray(sample_frames(frames, int(m)))
+        assert list(ours.shape) == official["shape"]
+        assert hashlib.sha256(ours.tobytes()).hexdigest() == official["sha256"]  # the same pixels as PyAV's
 
 
 def test_read_video(tmp_path):
