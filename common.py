@@ -104,18 +104,6 @@ def replace_folder(src, dst):
     os.replace(src, dst)
 
 
-@contextlib.contextmanager
-def quiet(logger_name):
-    """A library's logger held at ERROR for a block: diffusers warns on every cast, even a no-op one."""
-    logger = logging.getLogger(logger_name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def weight_dtype(mixed_precision):
     try:
         return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
@@ -189,7 +177,7 @@ def redpo_loss(model_pred, ref_pred, target, *, beta, w_sft, loss_type="redpo"):
 
 
 def diffusion_target(scheduler, latents, noise, timesteps):
-    """What the UNet is trained to predict, by the scheduler's prediction_type."""
+    """What a DDPM-family denoiser is trained to predict, by the scheduler's prediction_type."""
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
         return noise
@@ -198,6 +186,51 @@ def diffusion_target(scheduler, latents, noise, timesteps):
     if kind == "sample":
         return latents
     raise ValueError(f"scheduler prediction_type {kind!r}: expected epsilon, v_prediction or sample")
+
+
+class DDPMObjective:
+    """A diffusers DDPM-family scheduler as a training objective: integer timesteps drawn uniformly,
+    the scheduler's noising, the target its prediction_type names."""
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+
+    def sample_timesteps(self, n, generator):
+        return torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), generator=generator)
+
+    def add_noise(self, latents, noise, timesteps):
+        return self.scheduler.add_noise(latents, noise, timesteps)
+
+    def target(self, latents, noise, timesteps):
+        return diffusion_target(self.scheduler, latents, noise, timesteps)
+
+
+def shift_sigmas(sigmas, shift):
+    """The flow-matching schedule's shift: sigma' = shift * sigma / (1 + (shift - 1) * sigma)."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+class FlowMatching:
+    """Rectified flow, as Wan is trained: x_t = (1 - sigma) x_0 + sigma * noise, the model predicts
+    the velocity noise - x_0, and is told the timestep 1000 * sigma. Sigma is drawn logit-normal
+    (sigmoid of a standard normal) or uniform in [0, 1], then shifted."""
+
+    def __init__(self, shift=1.0, sampling="logit_normal", num_train_timesteps=1000):
+        if sampling not in ("logit_normal", "uniform"):
+            raise ValueError(f"sampling {sampling!r}: expected logit_normal or uniform")
+        self.shift, self.sampling, self.num_train_timesteps = shift, sampling, num_train_timesteps
+
+    def sample_timesteps(self, n, generator):
+        u = torch.randn(n, generator=generator).sigmoid() if self.sampling == "logit_normal" else \
+            torch.rand(n, generator=generator)
+        return shift_sigmas(u, self.shift) * self.num_train_timesteps
+
+    def add_noise(self, latents, noise, timesteps):
+        sigma = (timesteps.float() / self.num_train_timesteps).view(-1, *[1] * (latents.dim() - 1))
+        return ((1 - sigma) * latents.float() + sigma * noise.float()).to(latents.dtype)
+
+    def target(self, latents, noise, timesteps):
+        return noise - latents
 
 
 # -----------------------------------------------------------------------------
@@ -361,11 +394,3 @@ class VideoScorer:
         inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         logits = self.model(**inputs).float().cpu()
         return [dict(zip(ASPECTS, row.tolist())) for row in logits]
-
-
-TINY_MARK = "vip_tiny.json"  # written into every random tiny model folder
-
-
-def is_tiny(path):
-    return os.path.isfile(os.path.join(os.fspath(path), TINY_MARK))
-

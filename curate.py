@@ -14,7 +14,8 @@ reward's noise, do not train DPO.
 
 Each process generates a shard of the prompts. Writes to --output_dir: pairs.jsonl (prompt, seed,
 winner and loser MP4s, both score dicts, the latents file), videos/, latents/ (the winner's and
-loser's VAE latents, so training never runs the VAE), candidates.jsonl (every generated pair and
+loser's VAE latents and the prompt's embedding, so training runs neither the VAE nor the text
+encoder), candidates.jsonl (every generated pair and
 why it was dropped), prompts.txt (the prompts that passed the filters), config.yaml.
 """
 
@@ -251,6 +252,10 @@ def main(args):
         winners, w_latents = backend.generate(teacher, prompts_, seeds, args, return_latents=True)
         losers, l_latents = backend.generate(student, prompts_, seeds, args, return_latents=True)
         w_scores, l_scores = reward.score(list(winners), prompts_), reward.score(list(losers), prompts_)
+        # The prompts' embeddings go beside the latents, so training never runs the text encoder
+        # (Wan's UMT5-XXL is 11 GB).
+        with torch.no_grad():
+            embeds = backend.encode_prompts(student.text_encoder, student.tokenizer, prompts_, accelerator.device)
         rows = []
         for k, c in enumerate(chunk):
             row = {"id": c["id"], "prompt": c["prompt"], "seed": c["seed"], "winner": f"videos/{c['id']}_winner.mp4",
@@ -259,7 +264,8 @@ def main(args):
             common.write_video(os.path.join(out, row["winner"]), winners[k], fps=args.fps)
             common.write_video(os.path.join(out, row["loser"]), losers[k], fps=args.fps)
             with common.atomic_path(os.path.join(out, row["latents"])) as tmp:
-                save_file({"winner": w_latents[k].contiguous(), "loser": l_latents[k].contiguous()}, str(tmp))
+                save_file({"winner": w_latents[k].contiguous(), "loser": l_latents[k].contiguous(),
+                           "prompt_embeds": embeds[k].detach().cpu().contiguous()}, str(tmp))
             rows.append(row)
         return rows
 

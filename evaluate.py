@@ -226,7 +226,7 @@ def main(args):
               f"FLOPs of one {names['denoiser']} call for one video "
               f"({args.num_frames} frames, {args.height}x{args.width}); latency: one video, "
               f"{args.num_inference_steps} steps with guidance, median of {args.latency_runs}, on {accelerator.device}.\n\n"
-              + table(entries, args.aspects, names["blocks"], names["denoiser"] + " params")
+              + table(entries, args.aspects, names["blocks"], names["denoiser"][:1].upper() + names["denoiser"][1:] + " params")
               + features_table(entries))
         common.atomic_write_text(os.path.join(out, "eval.md"), md)
         write_report(out, report, md)

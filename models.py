@@ -6,6 +6,7 @@ blocks are prunable and how a family's model is loaded and called (backends/READ
 
 import contextlib
 import json
+import logging
 import os
 
 import torch
@@ -15,6 +16,18 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
 from common import ConfigError, atomic_path, atomic_write_json
+
+
+@contextlib.contextmanager
+def quiet(logger_name):
+    """A library's logger held at ERROR for a block: diffusers warns on every cast, even a no-op one."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def hub_kwargs(args, revision=True):

@@ -98,12 +98,18 @@ def label(args):
         return names[args.reward]
     learned = args.ensemble_with if args.reward == "ensemble" else "videoscore"
     name = names.get(learned) or (f"random tiny VideoScore ({args.reward_model}; its scores mean nothing)"
-                                  if common.is_tiny(args.reward_model) else args.reward_model)
+                                  if is_tiny(args.reward_model) else args.reward_model)
     return f"mean of {name} and features (weight-free)" if args.reward == "ensemble" else name
 
 
 # -----------------------------------------------------------------------------
 # A tiny VideoScore of the real layout, random, for tests and the CPU demo.
+
+TINY_MARK = "vip_tiny.json"  # written into the folder, so that no table calls it VideoScore
+
+
+def is_tiny(path):
+    return os.path.isfile(os.path.join(os.fspath(path), TINY_MARK))
 
 
 def _tiny_bpe_tokenizer(vocab_size=400):
@@ -159,7 +165,7 @@ def build_tiny_videoscore(out_dir, seed=0, image_size=32, image_seq_len=4, hidde
     image_processor.save_pretrained(tmp)
     with open(os.path.join(tmp, "processor_config.json"), "w") as f:
         json.dump({"image_seq_len": image_seq_len, "processor_class": "Idefics2Processor"}, f, indent=2)
-    with open(os.path.join(tmp, common.TINY_MARK), "w") as f:  # so no table calls it VideoScore
+    with open(os.path.join(tmp, TINY_MARK), "w") as f:  # so no table calls it VideoScore
         json.dump({"random": True, "built_by": "build_tiny"}, f)
     os.replace(tmp, out_dir)
     return str(out_dir)

@@ -222,7 +222,7 @@ def save_config(args, path):
 
 BACKEND_NAMES = ("OPTIONS", "STUDENT_KEYS", "TABLE", "TRAINABLE", "required_models", "build_tiny", "load_denoiser",
                  "load_text_encoder", "encode_prompts", "load_pipeline", "with_denoiser", "generate",
-                 "noise_scheduler", "predict", "prunable_blocks", "denoise_inputs")
+                 "objective", "enable_checkpointing", "predict", "prunable_blocks", "denoise_inputs")
 
 
 def load_backend(name):

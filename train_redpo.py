@@ -3,8 +3,8 @@ r"""Train: ReDPO, the pruned student learning from the frozen teacher M0 on cura
     loss = Diffusion-DPO(student vs teacher, winner vs loser) + w_sft * ||student - teacher||^2 (winners)
 
 The teacher is the reference of both terms and runs once per step under no_grad; winners and
-losers of a pair share one batch, one noise and one timestep. Latents come from curate.py, so the
-VAE never runs here.
+losers of a pair share one batch, one noise and one timestep. Latents and prompt embeddings come
+from curate.py, so neither the VAE nor the text encoder runs here.
 
     python train_redpo.py --config configs/tiny.yaml --output_dir runs/tiny/stage_1/train \
         --student runs/tiny/stage_1/prune/student --pairs runs/tiny/stage_1/curate/pairs.jsonl
@@ -82,12 +82,14 @@ def parse_args(argv=None):
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """Pairs from curate.py manifests: the winner and loser latents of one prompt and seed. Every
+    """Pairs from curate.py manifests: the winner and loser latents of one prompt and seed, and the
+    prompt's embedding where curation stored it (`cached`: every pair has one, so training never
+    runs the text encoder; manifests from before it stored them are encoded as they train). Every
     row is checked here, before any model loads: its videos are whole MP4s, its latents file holds
     a winner and a loser of one shape, the same for every pair (a batch stacks them)."""
 
     def __init__(self, manifests):
-        self.rows, shapes = [], {}
+        self.rows, shapes, embeds = [], {}, set()
         for manifest in manifests:
             root = os.path.dirname(manifest)
             for i, row in enumerate(stage.read_manifest(manifest), 1):
@@ -109,9 +111,11 @@ class PairDataset(torch.utils.data.Dataset):
                     (first, at), = list(shapes.items())[:1]
                     raise common.ConfigError(f"{where}: latents of shape {shape['winner']}, but {at} has {first}; "
                                              f"every pair must have one shape (curated with one model config)")
+                embeds.add(shape.get("prompt_embeds"))
                 self.rows.append({"prompt": row["prompt"], "latents": path})
         if not self.rows:
             raise common.ConfigError(f"{', '.join(manifests)}: no pairs to train on")
+        self.cached = None not in embeds and len(embeds) == 1
 
     def __len__(self):
         return len(self.rows)
@@ -120,7 +124,8 @@ class PairDataset(torch.utils.data.Dataset):
         row = self.rows[i]
         try:
             latents = load_file(row["latents"])
-            return {"winner": latents["winner"], "loser": latents["loser"], "prompt": row["prompt"]}
+            item = {"winner": latents["winner"], "loser": latents["loser"], "prompt": row["prompt"]}
+            return {**item, "prompt_embeds": latents["prompt_embeds"]} if self.cached else item
         except Exception as e:  # changed since it was checked; a worker's error reaches the user as one line too
             raise common.ConfigError(f"{row['latents']}: cannot read latents ({str(e).splitlines()[0][:120]}); "
                                      f"expected a safetensors file with 'winner' and 'loser' tensors") from None
@@ -154,7 +159,9 @@ def check_mp4(path, where):
 def collate(rows):
     # Diffusion-DPO layout: the B winners first, then their B losers.
     latents = torch.stack([r["winner"] for r in rows] + [r["loser"] for r in rows])
-    return {"latents": latents, "prompts": [r["prompt"] for r in rows]}
+    batch = {"latents": latents, "prompts": [r["prompt"] for r in rows]}
+    return {**batch, "prompt_embeds": torch.stack([r["prompt_embeds"] for r in rows])} if "prompt_embeds" in rows[0] \
+        else batch
 
 
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")
@@ -297,12 +304,12 @@ def main(args):
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     if args.gradient_checkpointing:
-        if student._supports_gradient_checkpointing:  # diffusers' UNet3D (VC2) has none of its own
-            student.enable_gradient_checkpointing()
-        models.checkpoint_blocks(backend, student)
-    text_encoder, tokenizer = backend.load_text_encoder(args, dtype=dtype)
-    text_encoder.to(accelerator.device)
-    noise_scheduler = backend.noise_scheduler(args)
+        backend.enable_checkpointing(student)
+    text_encoder, tokenizer = None, None  # pairs curated before prompt embeddings were stored: encoded here
+    if not dataset.cached:
+        text_encoder, tokenizer = backend.load_text_encoder(args, dtype=dtype)
+        text_encoder.to(accelerator.device)
+    objective = backend.objective(args)  # noising, timesteps and target: DDPM or flow matching
 
     aside = stage.start_stage(accelerator, args.output_dir, args,
                                ["student", "checkpoint-*", "metrics.jsonl", "logs", "validation"])
@@ -373,12 +380,12 @@ def main(args):
                     gen = torch.Generator().manual_seed(args.seed * 1_000_003 + micro_step * 1009 + accelerator.process_index)
                     micro_step += 1
                     noise = torch.randn(latents[:n].shape, generator=gen).to(latents).repeat(2, 1, 1, 1, 1)  # one per pair
-                    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=gen)
-                    timesteps = timesteps.to(latents.device).repeat(2)  # one timestep per pair
-                    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-                    target = common.diffusion_target(noise_scheduler, latents, noise, timesteps)
+                    timesteps = objective.sample_timesteps(n, gen).to(latents.device).repeat(2)  # one per pair
+                    noisy = objective.add_noise(latents, noise, timesteps)
+                    target = objective.target(latents, noise, timesteps)
                     with torch.no_grad():
-                        text = backend.encode_prompts(text_encoder, tokenizer, batch["prompts"], accelerator.device)
+                        text = batch["prompt_embeds"].to(accelerator.device) if dataset.cached else \
+                            backend.encode_prompts(text_encoder, tokenizer, batch["prompts"], accelerator.device)
                         text = text.repeat(2, *[1] * (text.dim() - 1))  # the same prompt for winner and loser
                         ref_pred = backend.predict(teacher, noisy.to(dtype), timesteps, text.to(dtype))  # both terms'
                     model_pred = backend.predict(student, noisy, timesteps, text)

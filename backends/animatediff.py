@@ -6,6 +6,7 @@ The interface every backend has (backends/README.md); `configs/animatediff.yaml`
 """
 
 import os
+import sys
 
 import torch
 from diffusers import (AnimateDiffPipeline, AutoencoderKL, DDIMScheduler, DDPMScheduler, MotionAdapter,
@@ -13,8 +14,9 @@ from diffusers import (AnimateDiffPipeline, AutoencoderKL, DDIMScheduler, DDPMSc
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+import common
 import models
-from common import quiet, replace_folder, tmp_name
+from common import replace_folder, tmp_name
 
 OPTIONS = {
     "pretrained_model_name_or_path": ("stable-diffusion-v1-5/stable-diffusion-v1-5",
@@ -42,7 +44,7 @@ def load_denoiser(args, dtype=None):
                                                   torch_dtype=dtype, **models.hub_kwargs(args))
     adapter = MotionAdapter.from_pretrained(args.motion_adapter, torch_dtype=dtype,
                                             **models.hub_kwargs(args, revision=False))
-    with quiet("diffusers.models.modeling_utils"):  # from_unet2d's no-op cast warns
+    with models.quiet("diffusers.models.modeling_utils"):  # from_unet2d's no-op cast warns
         return UNetMotionModel.from_unet2d(unet2d, adapter)
 
 
@@ -89,7 +91,7 @@ def load_pipeline(args, unet, device=None, dtype=None, vae_class=AutoencoderKL):
 
 def placed(pipe, device, dtype):
     pipe.set_progress_bar_config(disable=True)
-    with quiet("diffusers.models.modeling_utils"):  # diffusers warns on every cast, even a no-op one
+    with models.quiet("diffusers.models.modeling_utils"):  # diffusers warns on every cast, even a no-op one
         return pipe.to(device=device, dtype=dtype)
 
 
@@ -103,10 +105,17 @@ def with_denoiser(pipe, unet):
 generate = models.generate
 
 
-def noise_scheduler(args):
-    """The training noise schedule: AnimateDiff's linear betas, the same as the sampler's."""
-    return DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler",
-                                         beta_schedule="linear", clip_sample=False, **models.hub_kwargs(args))
+def enable_checkpointing(unet):
+    """diffusers' gradient checkpointing, and the motion modules too: it leaves them out, and they train."""
+    unet.enable_gradient_checkpointing()
+    models.checkpoint_blocks(sys.modules[__name__], unet)
+
+
+def objective(args):
+    """DDPM with AnimateDiff's linear betas, the same as the sampler's; the base model's prediction type."""
+    return common.DDPMObjective(DDPMScheduler.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="scheduler", beta_schedule="linear", clip_sample=False,
+        **models.hub_kwargs(args)))
 
 
 def predict(unet, noisy, timesteps, text):

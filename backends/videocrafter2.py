@@ -23,6 +23,7 @@ import os
 import pickle
 import re
 import shutil
+import sys
 
 import ftfy
 import torch
@@ -602,8 +603,14 @@ def load_pipeline(args, unet, device=None, dtype=None):
     return animatediff.placed(pipe, device, dtype)
 
 
-def noise_scheduler(args):
-    return training_scheduler()
+def enable_checkpointing(unet):
+    """Every prunable block recomputed in backward: diffusers' UNet3D has no checkpointing of its own."""
+    models.checkpoint_blocks(sys.modules[__name__], unet)
+
+
+def objective(args):
+    """DDPM with SD's betas, epsilon prediction and VC2's latent scaling in add_noise."""
+    return common.DDPMObjective(training_scheduler())
 
 
 def predict(unet, noisy, timesteps, text):

@@ -15,7 +15,8 @@ required_models, load_denoiser, prunable_blocks = animatediff.required_models, a
     animatediff.prunable_blocks
 load_text_encoder, encode_prompts, with_denoiser = animatediff.load_text_encoder, animatediff.encode_prompts, \
     animatediff.with_denoiser
-generate, noise_scheduler, predict = animatediff.generate, animatediff.noise_scheduler, animatediff.predict
+generate, objective, predict = animatediff.generate, animatediff.objective, animatediff.predict
+enable_checkpointing = animatediff.enable_checkpointing
 
 
 def build_tiny(args):

@@ -161,6 +161,36 @@ def test_report_to_names_a_missing_tracker_in_one_line(fast_config, stage, tmp_p
     assert not (tmp_path / "student").exists()
 
 
+def test_training_takes_the_prompt_embeddings_curation_stored(fast_config, stage, tmp_path, monkeypatch):
+    """Curation stores each pair's prompt embedding beside its latents, so training runs no text
+    encoder; a manifest from before (latents without embeddings) still trains, encoding its prompts
+    as it goes, to the same student."""
+    import shutil
+
+    from backends import animatediff
+    from safetensors.torch import save_file
+
+    old = tmp_path / "old curate"
+    shutil.copytree(stage / "curate", old)
+    for row in read_manifest(old / "pairs.jsonl"):
+        latents = load_file(old / row["latents"])
+        assert latents["prompt_embeds"].shape == (77, 32)  # the tiny CLIP's (tokens, width)
+        save_file({k: v for k, v in latents.items() if k != "prompt_embeds"}, str(old / row["latents"]))
+    argv = ["--config", fast_config, "--student", str(stage / "prune" / "student"), "--max_train_steps", "2",
+            "--report_to", "none"]
+    train_redpo.main(train_redpo.parse_args([*argv, "--output_dir", str(tmp_path / "old"), "--pairs",
+                                             str(old / "pairs.jsonl")]))
+
+    def no_text_encoder(*a, **k):
+        raise AssertionError("the text encoder was loaded")
+
+    monkeypatch.setattr(animatediff, "load_text_encoder", no_text_encoder)
+    train_redpo.main(train_redpo.parse_args([*argv, "--output_dir", str(tmp_path / "cached"), "--pairs",
+                                             str(stage / "curate" / "pairs.jsonl")]))
+    a, b = (load_file(tmp_path / d / "student" / "student.safetensors") for d in ("old", "cached"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("loss_type", ["sft", "dpo"])
 def test_ablations_are_switches(fast_config, stage, tmp_path, loss_type):
     train_redpo.main(train_redpo.parse_args([

@@ -1,0 +1,121 @@
+"""Wan2.1: the full-size transformer counted on the meta device, flow-matching training's
+formulas, a tiny Wan against diffusers' own WanPipeline, and a stage of the loop on it.
+Run: python -m pytest -q tests/test_wan.py"""
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler, WanPipeline, WanTransformer3DModel
+from safetensors import safe_open
+
+import common
+import models
+import stage
+from backends import wan
+from conftest import FAST, ROOT, run_script
+
+
+def test_full_size_counts_on_meta_device():
+    with torch.device("meta"):
+        transformer = WanTransformer3DModel(**wan.CONFIG_1_3B)
+    assert round(models.count_parameters(transformer) / 1e6, 2) == 1419.00
+    blocks = models.list_blocks(wan, transformer)
+    assert [b["name"] for b in blocks] == [f"blocks.{i}" for i in range(30)]
+    assert {round(b["params"] / 1e6, 2) for b in blocks} == {46.44}
+    flops = models.count_flops(wan, transformer, 81, 480, 832)  # 21 x 30 x 52 = 32,760 tokens
+    models.remove_blocks(wan, transformer, ["blocks.29"])
+    assert 200e12 < flops < 400e12 and flops - models.count_flops(wan, transformer, 81, 480, 832) > flops / 40
+
+
+def test_flow_matching_noises_and_targets_as_rectified_flow():
+    x0, noise = torch.randn(2, 16, 3, 4, 4), torch.randn(2, 16, 3, 4, 4)
+    objective = common.FlowMatching(shift=3.0, sampling="logit_normal")
+    t = objective.sample_timesteps(2, torch.Generator().manual_seed(0))
+    u = torch.randn(2, generator=torch.Generator().manual_seed(0)).sigmoid()
+    sigma = 3.0 * u / (1 + 2.0 * u)  # the shift
+    assert torch.allclose(t, 1000 * sigma)
+    s = sigma.view(-1, 1, 1, 1, 1)
+    assert torch.allclose(objective.add_noise(x0, noise, t), (1 - s) * x0 + s * noise)
+    assert torch.equal(objective.target(x0, noise, t), noise - x0)  # the velocity
+    uniform = common.FlowMatching(shift=1.0, sampling="uniform").sample_timesteps(4, torch.Generator().manual_seed(1))
+    assert torch.allclose(uniform, 1000 * torch.rand(4, generator=torch.Generator().manual_seed(1)))
+    # the DDPM backends keep their draw, noising and target exactly
+    scheduler = DDPMScheduler(beta_schedule="linear", beta_start=0.00085, beta_end=0.012)
+    ddpm = common.DDPMObjective(scheduler)
+    t = ddpm.sample_timesteps(2, torch.Generator().manual_seed(5))
+    assert torch.equal(t, torch.randint(0, 1000, (2,), generator=torch.Generator().manual_seed(5)))
+    assert torch.equal(ddpm.add_noise(x0, noise, t), scheduler.add_noise(x0, noise, t))
+    assert torch.equal(ddpm.target(x0, noise, t), noise)
+
+
+@pytest.fixture(scope="module")
+def tiny_wan(tmp_path_factory):
+    args = stage.parse_config(["--config", str(ROOT / "configs" / "tiny_wan.yaml"), "--pretrained_model_name_or_path",
+                               str(tmp_path_factory.mktemp("tiny wan") / "wan")], "t", {"model": stage.MODEL_OPTIONS})
+    wan.build_tiny(args)
+    return args
+
+
+def test_a_removed_block_is_the_block_with_its_three_updates_zeroed(tiny_wan):
+    """Each block adds gated updates to the hidden states: zeroing its self-attention, cross-attention
+    and feed-forward outputs leaves it the identity, which is what removing it gives."""
+    transformer = wan.load_denoiser(tiny_wan).eval()
+    inputs = wan.denoise_inputs(transformer, 2, 9, 32, 32, text_length=32)
+    with torch.no_grad():
+        with models.blocks_removed(wan, transformer, ["blocks.2"]):
+            removed = transformer(*inputs).sample
+        block = transformer.blocks[2]
+        for linear in (block.attn1.to_out[0], block.attn2.to_out[0], block.ffn.net[-1]):
+            torch.nn.init.zeros_(linear.weight), torch.nn.init.zeros_(linear.bias)
+        zeroed = transformer(*inputs).sample
+    assert torch.allclose(removed, zeroed, atol=1e-6)
+
+
+def test_the_tiny_wan_generates_what_diffusers_own_pipeline_does(tiny_wan):
+    """Our encoding and generation against WanPipeline.from_pretrained's own, same prompts and seeds."""
+    pipe = wan.load_pipeline(tiny_wan, wan.load_denoiser(tiny_wan))
+    prompts, seeds = ["a red car drives along a coastal road", "a cat!"], [3, 4]
+    frames, latents = wan.generate(pipe, prompts, seeds, tiny_wan, return_latents=True)
+    assert frames.shape == (2, 9, 32, 32, 3) and latents.shape == (2, 16, 3, 4, 4)
+    theirs = WanPipeline.from_pretrained(tiny_wan.pretrained_model_name_or_path)
+    theirs.set_progress_bar_config(disable=True)
+    ours_text = wan.encode_prompts(pipe.text_encoder, pipe.tokenizer, prompts, "cpu")
+    their_text = theirs.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=32)[0]
+    assert torch.allclose(ours_text, their_text, atol=1e-5)  # no_grad against grad mode: float noise
+    kwargs = dict(prompt=prompts, negative_prompt=[""] * 2, num_frames=9, height=32, width=32, num_inference_steps=8,
+                  guidance_scale=5.0, max_sequence_length=32)
+    gens = lambda: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    assert torch.allclose(theirs(**kwargs, generator=gens(), output_type="latent").frames, latents, atol=1e-6)
+    video = theirs(**kwargs, generator=gens(), output_type="np").frames  # (B, F, H, W, 3) in [0, 1]
+    assert np.abs(frames / 255.0 - video).max() <= 1 / 255 + 1e-6
+
+
+def test_vip_loop_runs_one_stage_on_a_tiny_wan(tmp_path, tiny_reward):
+    import yaml
+
+    config = yaml.safe_load((ROOT / "configs" / "tiny_wan.yaml").read_text())
+    for section, values in FAST.items():
+        config[section].update({k: v for k, v in values.items() if k not in ("build_tiny", "num_frames", "height",
+                                                                               "width")})
+    config["model"]["pretrained_model_name_or_path"] = str(tmp_path / "models" / "wan")
+    config["reward"].update(reward_model=tiny_reward, reward_num_frames=9)
+    config["train"]["gradient_checkpointing"] = True
+    for section, key in (("prune", "prune_prompts"), ("curate", "curation_prompts"), ("eval", "eval_prompts")):
+        config[section][key] = str(ROOT / config[section][key])
+    (tmp_path / "wan.yaml").write_text(yaml.safe_dump(config))
+    run = tmp_path / "run"
+    run_script("bash", "vip_loop.sh", "tiny_wan", "1", env={"CONFIG": str(tmp_path / "wan.yaml"), "RUN_DIR": str(run)},
+               timeout=900)
+    pruned = json.loads((run / "stage_1" / "prune" / "student" / "student.json").read_text())
+    assert pruned["backend"] == "wan" and pruned["removed_blocks"] == json.loads(
+        (run / "stage_1" / "prune" / "ranking.json").read_text())["chosen"] and len(pruned["removed_blocks"]) == 1
+    rows = stage.read_manifest(run / "stage_1" / "curate" / "pairs.jsonl")
+    with safe_open(run / "stage_1" / "curate" / rows[0]["latents"], "pt") as f:  # the trainer runs no text encoder
+        assert f.get_slice("prompt_embeds").get_shape() == [32, 32] and f.get_slice("winner").get_shape() == [16, 3, 4, 4]
+    trained = json.loads((run / "stage_1" / "train" / "student" / "student.json").read_text())
+    assert trained["weights"] == "transformer" and trained["removed_blocks"] == pruned["removed_blocks"]
+    report = json.loads((run / "eval" / "eval.json").read_text())
+    assert [m["label"] for m in report["models"]] == ["teacher (M0)", "stage_1/prune", "stage_1/train"]
+    assert report["models"][1]["unet_parameters"] < report["models"][0]["unet_parameters"]
+    assert "| Block params | Transformer params |" in (run / "eval" / "eval.md").read_text()
