@@ -53,6 +53,15 @@ class RemovedBlock(nn.Module):
         return (hidden_states,) if kwargs.get("return_dict", True) is False else hidden_states
 
 
+class RemovedBranch(RemovedBlock):
+    """Stands in for a removed residual branch (a block's attention or feed-forward, whose output the
+    block adds to its hidden states): a zero update is exactly the branch gone. A backend whose
+    candidates are such branches says `STAND_IN = models.RemovedBranch`."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return torch.zeros_like(hidden_states)
+
+
 def _set_submodule(root, name, module):
     parent, _, child = name.rpartition(".")
     parent = root.get_submodule(parent)
@@ -77,7 +86,8 @@ def removed_blocks(backend, model):
 
 
 def remove_blocks(backend, model, names, where="blocks"):
-    """Replace the named blocks with identities, in place. Returns the removed modules."""
+    """Replace the named blocks with the backend's stand-in (an identity unless it names another), in
+    place. Returns the removed modules."""
     valid = backend.prunable_blocks(model)
     for name in names:
         if name not in valid:
@@ -85,7 +95,7 @@ def remove_blocks(backend, model, names, where="blocks"):
     old = {}
     for name in names:
         old[name] = model.get_submodule(name)
-        _set_submodule(model, name, RemovedBlock())
+        _set_submodule(model, name, getattr(backend, "STAND_IN", RemovedBlock)())
     return old
 
 

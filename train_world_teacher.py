@@ -1,12 +1,16 @@
-"""Train the world's teacher M0: an AnimateDiff-layout UNetMotionModel over world.py's lossless
-pixel VAE and a frozen random text encoder over the grammar's words, on rendered clips of the
-training prompts (never the held-out ones). Resumable: rerun the same command after a kill.
+"""Train a world teacher M0 on rendered clips of the training prompts (never the held-out ones),
+over world.py's lossless pixel VAE and a frozen random text encoder over the grammar's words:
+
+- `--model unet`: an AnimateDiff-layout UNetMotionModel, diffusion with zero terminal SNR, the clip
+  predicted (configs/world.yaml); writes <output_dir>/sd (SD1.5's folder) and <output_dir>/motion_adapter.
+- `--model dit`: a WanTransformer3DModel with a UMT5 encoder, flow matching, the velocity predicted
+  (configs/world_wan.yaml); writes <output_dir>/{transformer,text_encoder,tokenizer,scheduler}.
 
     python train_world_teacher.py --output_dir weights/world --max_train_steps 6000
+    python train_world_teacher.py --model dit --output_dir weights/world_wan --max_train_steps 12000
 
-Writes <output_dir>/sd (unet, vae, text_encoder, tokenizer, scheduler, as SD1.5's folder),
-<output_dir>/motion_adapter (the EMA of the trained weights, saved every --checkpointing_steps)
-and <output_dir>/train_state.pt (to resume from). What made the teacher work is in docs/world.md.
+The saved teacher is the EMA of the trained weights, saved every --checkpointing_steps beside
+train_state.pt, which a rerun of the same command resumes from. What made each work: docs/world.md.
 """
 
 import argparse
@@ -18,20 +22,23 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, MotionAdapter, UNet2DConditionModel, UNetMotionModel
+from diffusers import (DDPMScheduler, MotionAdapter, UNet2DConditionModel, UNetMotionModel, UniPCMultistepScheduler,
+                       WanTransformer3DModel)
 from tqdm.auto import tqdm
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, UMT5Config, UMT5EncoderModel
 
 import common
+from backends import wan
 from world import FACTOR, FRAMES, SCALE, SIZE, PixelVAE, frames_to_latents, render, split_prompts, word_tokenizer
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output_dir", default="weights/world", help="writes <output_dir>/sd and <output_dir>/motion_adapter")
+    p.add_argument("--model", default="unet", choices=["unet", "dit"], help="unet (configs/world.yaml) | dit (world_wan)")
+    p.add_argument("--output_dir", default=None, help="default: weights/world (unet), weights/world_wan (dit)")
     p.add_argument("--max_train_steps", type=int, default=6000)
     p.add_argument("--train_batch_size", type=int, default=16, help="clips per step")
-    p.add_argument("--learning_rate", type=float, default=1e-3)
+    p.add_argument("--learning_rate", type=float, default=None, help="default: 1e-3 (unet), 3e-4 (dit)")
     p.add_argument("--lr_warmup_steps", type=int, default=200)
     p.add_argument("--uncond_prob", type=float, default=0.1, help="empty prompt rate, for classifier-free guidance")
     p.add_argument("--checkpointing_steps", type=int, default=500,
@@ -45,8 +52,15 @@ def parse_args(argv=None):
                    help="the saved teacher is this exponential moving average of the trained weights")
     p.add_argument("--snr_gamma", type=float, default=5.0,
                    help="weight each clip's loss by its SNR clamped to [1, snr_gamma]; 0: uniform")
+    p.add_argument("--dim", type=int, default=128, help="dit: the transformer's width (heads of 32)")
+    p.add_argument("--num_layers", type=int, default=8, help="dit: transformer blocks")
+    p.add_argument("--flow_shift", type=float, default=1.0, help="dit: shift of the training sigmas")
+    p.add_argument("--timestep_sampling", default="logit_normal", choices=["logit_normal", "uniform"],
+                   help="dit: how training sigmas are drawn, before the shift")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    args.output_dir = args.output_dir or {"unet": "weights/world", "dit": "weights/world_wan"}[args.model]
+    args.learning_rate = args.learning_rate or {"unet": 1e-3, "dit": 3e-4}[args.model]
     for key in ("max_train_steps", "train_batch_size", "checkpointing_steps", "lr_warmup_steps"):
         if getattr(args, key) < 1:
             raise common.ConfigError(f"--{key}: expected a number at least 1; got {getattr(args, key)}")
@@ -90,29 +104,62 @@ def build_world_models(base_dir, adapter_dir, seed=0, channels=(96, 64), predict
     return UNetMotionModel.from_unet2d(unet2d, adapter), text_encoder, tokenizer
 
 
-def _teacher_folders(base_dir, adapter_dir):
-    return os.path.join(base_dir, "unet"), os.path.join(base_dir, "text_encoder"), adapter_dir
+def build_world_dit(folder, seed=0, dim=128, num_layers=8, save=True):
+    """An untrained DiT teacher in Wan's classes, saved (unless `save` is false) in `folder` as
+    transformer/, text_encoder/, tokenizer/ and scheduler/: 1x1x1 patches, so each token is one 4x4
+    latent pixel (its 48 values, a 4x4-pixel patch) of one frame, 128 tokens a clip."""
+    torch.manual_seed(seed)
+    tokenizer = word_tokenizer()
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=len(tokenizer), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=16, feed_forward_proj="gated-gelu",
+        pad_token_id=0, eos_token_id=3, is_encoder_decoder=False, dropout_rate=0.0))
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 1, 1), num_attention_heads=dim // 32, attention_head_dim=32, in_channels=3 * FACTOR ** 2,
+        out_channels=3 * FACTOR ** 2, text_dim=64, freq_dim=64, ffn_dim=4 * dim, num_layers=num_layers,
+        cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=32)
+    # Sampling as Wan samples: UniPC over flow sigmas (the config's flow_shift replaces this one).
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=1.0,
+                                        num_train_timesteps=1000)
+    if save:
+        for name, module in (("transformer", transformer), ("text_encoder", text_encoder), ("tokenizer", tokenizer),
+                             ("scheduler", scheduler)):
+            module.save_pretrained(os.path.join(folder, name))
+    return transformer, text_encoder, tokenizer
 
 
-def restore_teacher(base_dir, adapter_dir):
+def teacher_folders(args):
+    """The folders a checkpoint rewrites, each with how the trained model is saved into it."""
+    if args.model == "dit":
+        return {os.path.join(args.output_dir, "transformer"): lambda model, text_encoder, path: model.save_pretrained(path),
+                os.path.join(args.output_dir, "text_encoder"): lambda model, text_encoder, path:
+                text_encoder.save_pretrained(path)}
+    base = os.path.join(args.output_dir, "sd")
+
+    def unet2d(model, text_encoder, path):  # the trained UNetMotionModel split back into the SD UNet ...
+        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+        unet.load_state_dict({k: v for k, v in model.state_dict().items() if ".motion_modules." not in k}, strict=True)
+        unet.save_pretrained(path)
+    return {os.path.join(base, "unet"): unet2d,  # ... and the motion adapter
+            os.path.join(base, "text_encoder"): lambda model, text_encoder, path: text_encoder.save_pretrained(path),
+            os.path.join(args.output_dir, "motion_adapter"): lambda model, text_encoder, path:
+            model.save_motion_modules(path)}
+
+
+def restore_teacher(folders):
     """Put back a folder that a kill between the two renames of `save_teacher` left as <folder>.old."""
-    for folder in _teacher_folders(base_dir, adapter_dir):
+    for folder in folders:
         if not os.path.exists(folder) and os.path.exists(folder + ".old"):
             os.replace(folder + ".old", folder)
 
 
-def save_teacher(unet, text_encoder, base_dir, adapter_dir):
-    """Split the trained UNetMotionModel back into the SD UNet and the motion adapter. Each folder
-    is written beside its old self and swapped in: a kill mid-save leaves the old one complete,
-    under its own name or as <folder>.old for `restore_teacher`."""
-    unet2d = UNet2DConditionModel.from_pretrained(base_dir, subfolder="unet")
-    state = {k: v for k, v in unet.state_dict().items() if ".motion_modules." not in k}
-    unet2d.load_state_dict(state, strict=True)
-    saves = (unet2d.save_pretrained, text_encoder.save_pretrained, unet.save_motion_modules)
-    for folder, save in zip(_teacher_folders(base_dir, adapter_dir), saves):
+def save_teacher(folders, model, text_encoder):
+    """Each folder is written beside its old self and swapped in: a kill mid-save leaves the old one
+    complete, under its own name or as <folder>.old for `restore_teacher`."""
+    for folder, save in folders.items():
         tmp, old = folder + ".tmp", folder + ".old"
         shutil.rmtree(tmp, ignore_errors=True)
-        save(tmp)
+        save(model, text_encoder, tmp)
         shutil.rmtree(old, ignore_errors=True)
         os.replace(folder, old)
         os.replace(tmp, folder)
@@ -121,19 +168,27 @@ def save_teacher(unet, text_encoder, base_dir, adapter_dir):
 
 def main(args):
     """Train the teacher on rendered clips of the training prompts (never the held-out ones)."""
-    base, adapter = os.path.join(args.output_dir, "sd"), os.path.join(args.output_dir, "motion_adapter")
     state_path = os.path.join(args.output_dir, "train_state.pt")
-    restore_teacher(base, adapter)
+    folders = teacher_folders(args)
+    restore_teacher(folders)
     # A resumed run keeps the saved teacher folders: they hold the last checkpoint's weights.
-    unet, text_encoder, tokenizer = build_world_models(base, adapter, seed=args.seed, channels=tuple(args.block_out_channels),
-                                                       prediction_type=args.prediction_type, save=not os.path.exists(state_path))
-    scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
+    fresh = not os.path.exists(state_path)
+    if args.model == "dit":
+        model, text_encoder, tokenizer = build_world_dit(args.output_dir, args.seed, args.dim, args.num_layers, save=fresh)
+        tokenizer.model_max_length = 8  # six words and the two marks, as configs/world_wan.yaml encodes them
+        objective = common.FlowMatching(shift=args.flow_shift, sampling=args.timestep_sampling)
+    else:
+        base, adapter = os.path.join(args.output_dir, "sd"), os.path.join(args.output_dir, "motion_adapter")
+        model, text_encoder, tokenizer = build_world_models(base, adapter, seed=args.seed,
+                                                            channels=tuple(args.block_out_channels),
+                                                            prediction_type=args.prediction_type, save=fresh)
+        objective = common.DDPMObjective(DDPMScheduler.from_pretrained(base, subfolder="scheduler"))
     train_prompts, _ = split_prompts()
     # The text encoder stays as built (random, frozen), as AnimateDiff's CLIP is frozen: trained
     # jointly, it collapsed the four direction words onto one embedding before the UNet learnt to
     # use them, and every clip then moved wherever its noise pointed.
     text_encoder.requires_grad_(False)
-    names, params = zip(*unet.named_parameters())
+    names, params = zip(*model.named_parameters())
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=1e-2)
     schedule = lambda s: min(1.0, (s + 1) / args.lr_warmup_steps) * 0.5 * (1 + math.cos(math.pi * s / args.max_train_steps))  # noqa: E731
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -141,30 +196,37 @@ def main(args):
     # noise is what shows as grain on the black background.
     ema = [p.detach().clone() for p in params]
     first = 0
-    if os.path.exists(state_path):  # resume: weights, optimizer and schedule of the last save
+    if not fresh:  # resume: weights, optimizer and schedule of the last save
         state = torch.load(state_path, weights_only=True)
-        unet.load_state_dict(state["unet"]), text_encoder.load_state_dict(state["text_encoder"])
+        model.load_state_dict(state["unet"]), text_encoder.load_state_dict(state["text_encoder"])
         optimizer.load_state_dict(state["optimizer"]), lr_scheduler.load_state_dict(state["lr_scheduler"])
         ema = [state["ema"][n] for n in names] if "ema" in state else ema
         first = state["step"]
         print(f"resumed from {state_path} at step {first}")
     rng = np.random.default_rng([args.seed, first])
     torch.manual_seed(args.seed * 100003 + first)
-    unet.train()
+    model.train()
     bar = tqdm(range(first, args.max_train_steps), desc="world teacher", initial=first, total=args.max_train_steps)
     start, smooth = time.time(), None
     for step in bar:
         prompts = [train_prompts[i] for i in rng.integers(len(train_prompts), size=args.train_batch_size)]
         latents = frames_to_latents([render(p, int(rng.integers(2 ** 31))) for p in prompts]) * SCALE
         texts = ["" if rng.random() < args.uncond_prob else p for p in prompts]
-        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
-        with torch.no_grad():
-            text = text_encoder(ids)[0].repeat_interleave(FRAMES, dim=0)
         noise = torch.randn_like(latents)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(prompts),))
-        pred = unet(scheduler.add_noise(latents, noise, t), t, text).sample
-        loss = F.mse_loss(pred, common.diffusion_target(scheduler, latents, noise, t), reduction="none").mean((1, 2, 3, 4))
-        loss = (loss * snr_weight(scheduler, t, args.snr_gamma)).mean()
+        t = objective.sample_timesteps(len(prompts), None)
+        noisy = objective.add_noise(latents, noise, t)
+        with torch.no_grad():
+            if args.model == "dit":  # as WanPipeline encodes prompts
+                text = wan.encode_prompts(text_encoder, tokenizer, texts, "cpu")
+            else:
+                ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
+                                return_tensors="pt").input_ids
+                text = text_encoder(ids)[0].repeat_interleave(FRAMES, dim=0)
+        pred = wan.predict(model, noisy, t, text) if args.model == "dit" else model(noisy, t, text).sample
+        loss = F.mse_loss(pred, objective.target(latents, noise, t), reduction="none").mean((1, 2, 3, 4))
+        if args.model == "unet":
+            loss = loss * snr_weight(objective.scheduler, t, args.snr_gamma)
+        loss = loss.mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step(), lr_scheduler.step(), optimizer.zero_grad(set_to_none=True)
@@ -178,10 +240,10 @@ def main(args):
             with torch.no_grad():
                 trained = [p.detach().clone() for p in params]
                 torch._foreach_copy_(params, ema)
-                save_teacher(unet, text_encoder, base, adapter)
+                save_teacher(folders, model, text_encoder)
                 torch._foreach_copy_(params, trained)
             tmp = state_path + ".tmp"
-            torch.save({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(), "step": step + 1,
+            torch.save({"unet": model.state_dict(), "text_encoder": text_encoder.state_dict(), "step": step + 1,
                         "ema": dict(zip(names, ema)), "optimizer": optimizer.state_dict(),
                         "lr_scheduler": lr_scheduler.state_dict()}, tmp)
             os.replace(tmp, state_path)

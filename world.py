@@ -13,7 +13,8 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
 from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
 from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from tokenizers import Tokenizer, pre_tokenizers, processors
@@ -244,6 +245,30 @@ class PixelVAE(AutoencoderKL):
 
     def decode(self, z, return_dict=True, generator=None):
         x = F.pixel_shuffle(z, FACTOR) * 2 - 1
+        return DecoderOutput(sample=x) if return_dict else (x,)
+
+
+class WanPixelVAE(ModelMixin, ConfigMixin):
+    """The same space-to-depth "VAE" shaped as WanPipeline reads a VAE (the DiT world, backends/
+    world_wan.py): z_dim channels, latents normalised as (z - latents_mean) / latents_std (here z *
+    SCALE), 4x spatial and no temporal compression. No weights: one buffer gives it a device and dtype."""
+
+    @register_to_config
+    def __init__(self, z_dim=3 * FACTOR ** 2, scale_factor_spatial=FACTOR, scale_factor_temporal=1,
+                 latents_mean=(0.0,) * (3 * FACTOR ** 2), latents_std=(1 / SCALE,) * (3 * FACTOR ** 2)):
+        super().__init__()
+        self.register_buffer("unit", torch.ones(1), persistent=False)
+
+    def encode(self, x, return_dict=True):
+        """Videos (B, 3, F, H, W) in [-1, 1] -> z (B, 48, F, H/4, W/4) in [0, 1], un-normalised."""
+        b, _, f = x.shape[:3]
+        z = F.pixel_unshuffle(((x + 1) / 2).permute(0, 2, 1, 3, 4).flatten(0, 1), FACTOR)
+        return z.reshape(b, f, *z.shape[1:]).permute(0, 2, 1, 3, 4)
+
+    def decode(self, z, return_dict=True):
+        b, _, f = z.shape[:3]
+        x = F.pixel_shuffle(z.permute(0, 2, 1, 3, 4).flatten(0, 1), FACTOR) * 2 - 1
+        x = x.reshape(b, f, *x.shape[1:]).permute(0, 2, 1, 3, 4)
         return DecoderOutput(sample=x) if return_dict else (x,)
 
 

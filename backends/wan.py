@@ -108,14 +108,16 @@ def with_denoiser(pipe, transformer):
 
 
 @torch.no_grad()
-def generate(pipe, prompts, seeds, args, return_latents=False):
+def generate(pipe, prompts, seeds, args, return_latents=False, latents=None):
     """uint8 videos (B, F, H, W, 3), one seed each; with `return_latents`, the normalised latents
-    (B, 16, (F - 1) / 4 + 1, H / 8, W / 8) the transformer works in, which the VAE decodes."""
+    (B, 16, (F - 1) / 4 + 1, H / 8, W / 8) the transformer works in, which the VAE decodes.
+    `latents`: the initial noise, where the pipeline should not draw it itself."""
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
     latents = pipe(prompt=list(prompts), negative_prompt=[args.negative_prompt] * len(prompts),
                    num_frames=args.num_frames, height=args.height, width=args.width,
                    num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                   generator=generators, output_type="latent", max_sequence_length=args.max_sequence_length).frames
+                   generator=generators, latents=latents, output_type="latent",
+                   max_sequence_length=args.max_sequence_length).frames
     vae = pipe.vae
     mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(vae.device)
     std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(vae.device)

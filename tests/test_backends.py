@@ -18,7 +18,7 @@ BACKENDS = sorted(m.name for m in pkgutil.iter_modules([str(ROOT / "backends")])
 
 
 def test_every_backend_has_the_whole_interface():
-    assert BACKENDS == ["animatediff", "videocrafter2", "world"]
+    assert BACKENDS == ["animatediff", "videocrafter2", "wan", "wan_sublayers", "world", "world_wan"]
     for name in BACKENDS:
         backend = stage.load_backend(name)
         assert all(hasattr(backend, n) for n in stage.BACKEND_NAMES), name
@@ -30,7 +30,7 @@ def test_an_unknown_backend_is_one_line_that_lists_them(tmp_path):
                         check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: model.backend: no backend 'nosuch'; backends: animatediff, videocrafter2, world (or a module on the path)")
+        "error: model.backend: no backend 'nosuch'; backends: animatediff, videocrafter2, wan, wan_sublayers, world, world_wan (or a module on the path)")
     with pytest.raises(common.ConfigError, match="model.backend: json is not a backend: it lacks OPTIONS"):
         stage.load_backend("json")
 
@@ -70,7 +70,7 @@ def test_a_new_backend_is_one_module_and_one_config(fast_config, tmp_path):
     assert "| Throwaway params |" in (run / "eval" / "eval.md").read_text()
     result = run_script(sys.executable, "prune.py", "--backend", "nosuch", "--output_dir", str(tmp_path / "x"),
                         env={"PYTHONPATH": str(tmp_path / "plugins")}, check=False)
-    assert "backends: animatediff, throwaway, videocrafter2, world" in result.stderr  # found where it lives
+    assert "backends: animatediff, throwaway, videocrafter2, wan," in result.stderr  # found where it lives
     assert subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True,
                           text=True).stdout == before
     assert not os.path.exists(ROOT / "backends" / "throwaway.py")

@@ -1,6 +1,7 @@
 """Wan2.1: the full-size transformer counted on the meta device, flow-matching training's
 formulas, a tiny Wan against diffusers' own WanPipeline, and a stage of the loop on it.
 Run: python -m pytest -q tests/test_wan.py"""
+import argparse
 import json
 
 import numpy as np
@@ -12,7 +13,7 @@ from safetensors import safe_open
 import common
 import models
 import stage
-from backends import wan
+from backends import wan, wan_sublayers
 from conftest import FAST, ROOT, run_script
 
 
@@ -70,6 +71,30 @@ def test_a_removed_block_is_the_block_with_its_three_updates_zeroed(tiny_wan):
             torch.nn.init.zeros_(linear.weight), torch.nn.init.zeros_(linear.bias)
         zeroed = transformer(*inputs).sample
     assert torch.allclose(removed, zeroed, atol=1e-6)
+
+
+def test_a_removed_sublayer_is_its_branch_zeroed_and_a_student_keeps_it(tiny_wan, tmp_path):
+    """backends/wan_sublayers.py: each block's attn1, attn2 and ffn a candidate, removed as a zero update."""
+    transformer = wan_sublayers.load_denoiser(tiny_wan).eval()
+    assert len(models.list_blocks(wan_sublayers, transformer)) == 18
+    inputs = wan.denoise_inputs(transformer, 2, 9, 32, 32, text_length=32)
+    full_flops = models.count_flops(wan_sublayers, transformer, 9, 32, 32)
+    with torch.no_grad():
+        full = transformer(*inputs).sample
+        models.remove_blocks(wan_sublayers, transformer, ["blocks.1.ffn", "blocks.4.attn2"])
+        removed = transformer(*inputs).sample
+        reference = wan.load_denoiser(tiny_wan).eval()
+        for linear in (reference.blocks[1].ffn.net[-1], reference.blocks[4].attn2.to_out[0]):
+            torch.nn.init.zeros_(linear.weight), torch.nn.init.zeros_(linear.bias)
+        zeroed = reference(*inputs).sample
+    assert torch.allclose(removed, zeroed, atol=1e-6) and not torch.allclose(removed, full, atol=1e-3)
+    assert models.count_flops(wan_sublayers, transformer, 9, 32, 32) < full_flops
+    args = argparse.Namespace(**{**vars(tiny_wan), "backend": "wan_sublayers"})
+    models.save_student(wan_sublayers, transformer, tmp_path / "student", args, "transformer")
+    again = models.load_model(wan_sublayers, args, student=str(tmp_path / "student")).eval()
+    assert models.removed_blocks(wan_sublayers, again) == ["blocks.1.ffn", "blocks.4.attn2"]
+    with torch.no_grad():
+        assert torch.allclose(again(*inputs).sample, removed, atol=1e-6)
 
 
 def test_the_tiny_wan_generates_what_diffusers_own_pipeline_does(tiny_wan):

@@ -1,0 +1,60 @@
+"""The exact-reward world's DiT teacher (world.py, configs/world_wan.yaml): Wan's classes, as
+backends/wan.py loads and calls them (WanTransformer3DModel over 1x1x1 patches, a frozen UMT5
+encoder over the grammar's words, WanPipeline with a flow-matching UniPC sampler), over the world's
+lossless pixel VAE shaped as Wan's (48 channels of 4x4 latents a frame, no temporal compression).
+Its teacher is committed in weights/world_wan (train_world_teacher.py --model dit).
+"""
+
+import torch
+
+import backends.wan as wan
+import models
+import world
+from common import ConfigError
+
+OPTIONS = {**wan.OPTIONS,
+           "pretrained_model_name_or_path": ("weights/world_wan", "the world's DiT teacher, a WanPipeline folder"),
+           "max_sequence_length": (8, "text tokens: a world prompt is 6 words and 2 marks", {"min": 1})}
+STUDENT_KEYS, TABLE, TRAINABLE = wan.STUDENT_KEYS, wan.TABLE, wan.TRAINABLE
+load_denoiser, prunable_blocks, load_text_encoder = wan.load_denoiser, wan.prunable_blocks, wan.load_text_encoder
+encode_prompts, with_denoiser, objective = wan.encode_prompts, wan.with_denoiser, wan.objective
+predict, enable_checkpointing = wan.predict, wan.enable_checkpointing
+
+
+def required_models(args):
+    return [dict(where="model.pretrained_model_name_or_path", name=args.pretrained_model_name_or_path,
+                 files=[f for f in wan.FOLDERS if not f.startswith("vae/")],
+                 what="the world's DiT teacher (train_world_teacher.py --model dit)", tiny=True)]
+
+
+def build_tiny(args):
+    raise ConfigError("model.build_tiny: the world's DiT teacher is committed in weights/world_wan "
+                      "(train_world_teacher.py --model dit trains another); set build_tiny: false")
+
+
+def load_pipeline(args, transformer, device=None, dtype=None):
+    text_encoder, tokenizer = load_text_encoder(args, dtype=dtype)
+    pipe = wan.WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=world.WanPixelVAE(),
+                           transformer=transformer, scheduler=wan.sampling_scheduler(args))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device) if device is not None else pipe
+
+
+def initial_noise(seeds, num_frames, height, width):
+    """One clip's noise a seed, (B, 48, F, H/4, W/4): drawn here, as WanPipeline would round 8 frames
+    to the 4k + 1 its own VAE takes."""
+    shape = (1, 3 * world.FACTOR ** 2, num_frames, height // world.FACTOR, width // world.FACTOR)
+    return torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+def generate(pipe, prompts, seeds, args, return_latents=False):
+    with models.quiet("diffusers.pipelines.wan.pipeline_wan"):  # its frame-count warning: the noise is given
+        return wan.generate(pipe, prompts, seeds, args, return_latents,
+                            latents=initial_noise(seeds, args.num_frames, args.height, args.width))
+
+
+def denoise_inputs(transformer, batch_size, num_frames, height, width, device=None, dtype=None):
+    h, w = height // world.FACTOR, width // world.FACTOR
+    sample = torch.randn(batch_size, transformer.config.in_channels, num_frames, h, w, device=device, dtype=dtype)
+    text = torch.randn(batch_size, 8, transformer.config.text_dim, device=device, dtype=dtype)
+    return sample, torch.full((batch_size,), 500.0, device=device), text
