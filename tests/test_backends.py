@@ -11,7 +11,11 @@ import pytest
 import yaml
 
 import common
+import curate
+import evaluate
+import prune
 import stage
+import train_redpo
 from conftest import ROOT, run_script
 
 BACKENDS = sorted(m.name for m in pkgutil.iter_modules([str(ROOT / "backends")]))
@@ -74,3 +78,11 @@ def test_a_new_backend_is_one_module_and_one_config(fast_config, tmp_path):
     assert subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True,
                           text=True).stdout == before
     assert not os.path.exists(ROOT / "backends" / "throwaway.py")
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_shipped_config_parses_in_every_script(config):
+    """Unknown keys are errors: a config the scripts would reject fails here, before anyone's GPU run."""
+    for script in (prune, curate, train_redpo, evaluate):
+        args = script.parse_args(["--config", str(ROOT / "configs" / config), "--output_dir", "unused"])
+        stage.load_backend(args.backend)

@@ -11,7 +11,7 @@ import torch
 
 import models
 from backends import animatediff
-from benchmarks import cpu_loop, generation, time_stage, train_step, vc2_precision
+from benchmarks import cpu_loop, generation, time_stage, train_step, vc2_precision, wan_candidates, wan_step
 
 bench = train_step.bench
 
@@ -140,3 +140,24 @@ def test_vc2_precision_compares_bf16_with_fp32_sampling(tmp_path):
     (row,) = result["rows"]
     assert row["steps"] == 2 and 0 < row["latents_rms_rel"] < 1 and row["video_max_levels"] >= row["video_mean_levels"]
     assert json.loads((tmp_path / "p.json").read_text())["rows"] == result["rows"]
+
+
+def test_wan_step_measures_what_its_arithmetic_predicts(tmp_path):
+    """A step of a 2-block tiny Wan on the CPU: checkpointing holds less, and the README's arithmetic
+    (student state, bf16 teacher, checkpointed activations) is within a fifth of the measured peak."""
+    args = wan_step.parse_args(["--size", "tiny", "--device", "cpu", "--num_layers", "2", "--num_frames", "9",
+                                "--height", "64", "--width", "64", "--text_length", "32", "--warmup", "0",
+                                "--iters", "1", "--output", str(tmp_path / "step.json")])
+    rows = {r["variant"]: r for r in wan_step.main(args)["rows"]}
+    assert rows["ckpt"]["peak_bytes"] < rows["no_ckpt"]["peak_bytes"]
+    assert 0.8 < rows["ckpt"]["predicted_bytes"] / rows["ckpt"]["peak_bytes"] < 1.25
+    full = wan_step.main(wan_step.parse_args(["--flops_only", "--num_layers", "1", "--output", str(tmp_path / "f.json")]))
+    flops = {r["variant"]: r["flops"] for r in full["rows"]}
+    assert flops["ckpt"] > flops["no_ckpt"]  # the recomputed forward
+
+
+def test_wan_candidates_grades_blocks_and_sublayers(tmp_path):
+    result = wan_candidates.main(wan_candidates.parse_args(["--shares", "0.2", "--output", str(tmp_path / "c.json")]))
+    units = {r["unit"]: r for r in result["rows"]}
+    assert set(units) == {"block", "sublayer"} and len(result["singles"]["sublayer"]) == 18
+    assert all(0 < r["output_change"] and r["params_removed"] >= 0.2 for r in units.values())
