@@ -1,4 +1,4 @@
-"""The ablation on the exact-reward world: teacher, pruned, +SFT, +DPO only, +ReDPO and offline
+"""The ablation on the exact-reward world (its UNet teacher, or with --config configs/world_wan.yaml its DiT): teacher, pruned, +SFT, +DPO only, +ReDPO and offline
 ReDPO after --stages stages, over seeds, as the paper's Table 3. Each variant is a run of
 vip_loop.sh (the loop itself, not a copy of it) with its own config; what variants have in common
 is made once, by pointing their run folders at one another's (symlinks), where every stage skips
@@ -6,8 +6,9 @@ what is done: stage 1's pruning and pairs (all variants), online and offline ReD
 training and stage-2 pruning, and the evaluations (one folder a seed).
 
     python ablation.py --seeds 0 1 2 --stages 2 --num_blocks 3 2 --jobs 3
+    python ablation.py --config configs/world_wan.yaml --seeds 0 1 2 --stages 2 --num_blocks 2 2 --jobs 3
 
-Writes <output_dir>/ablation.md (mean and sample std over seeds, per-seed comparisons) and, per
+Writes <output_dir> (default runs/<config name>-ablation)/ablation.md (mean and sample std over seeds, per-seed comparisons) and, per
 seed, seed_<s>/ (a run folder and a config per variant, eval/, result.json, log.txt with --jobs).
 """
 
@@ -41,11 +42,11 @@ SHARED = [(tag, f"stage_1/{step}", "shared") for tag, *_ in VARIANTS.values() fo
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/world.yaml")
-    p.add_argument("--output_dir", default="runs/world-ablation")
+    p.add_argument("--output_dir", default=None, help="default: runs/<config name>-ablation")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--stages", type=int, default=2)
     p.add_argument("--num_blocks", type=int, nargs="+", default=None,
-                   help="motion modules cut at each stage, one number a stage, or one for all, instead of "
+                   help="blocks cut at each stage, one number a stage, or one for all, instead of "
                         "the config's prune.num_blocks / prune.prune_params")
     p.add_argument("--seed_only", action="store_true", help=argparse.SUPPRESS)  # a --jobs process: no table
     p.add_argument("--jobs", type=int, default=1,
@@ -54,6 +55,7 @@ def parse_args(argv=None):
     if args.num_blocks and len(args.num_blocks) not in (1, args.stages):
         raise common.ConfigError(f"--num_blocks: expected one number or {args.stages} (one a stage); "
                                  f"got {len(args.num_blocks)}")
+    args.output_dir = args.output_dir or os.path.join("runs", f"{os.path.splitext(os.path.basename(args.config))[0]}-ablation")
     if args.stages < 1 or args.jobs < 1 or any(n < 1 for n in args.num_blocks or []):
         raise common.ConfigError("--stages, --jobs and --num_blocks: expected numbers of at least 1")
     return args
@@ -70,11 +72,11 @@ def seed_config(base, seed, cuts):
 
 
 def run_loop(root, tag, config, stages, offline):
-    """One variant: `bash vip_loop.sh world STAGES [--offline]` on its own config and run folder."""
+    """One variant: `bash vip_loop.sh MODEL STAGES [--offline]` on its own config and run folder."""
     path = os.path.join(root, f"{tag}.yaml")
     common.atomic_write_text(path, yaml.safe_dump(config, sort_keys=False))
     env = dict(os.environ, CONFIG=os.path.abspath(path), RUN_DIR=os.path.abspath(os.path.join(root, tag)))
-    cmd = ["bash", os.path.join(ROOT, "vip_loop.sh"), "world", str(stages)] + ["--offline"] * offline
+    cmd = ["bash", os.path.join(ROOT, "vip_loop.sh"), tag, str(stages)] + ["--offline"] * offline
     subprocess.run(cmd, env=env, check=True)
     return os.path.join(root, tag, f"stage_{stages}", "train", "student")
 
@@ -148,11 +150,11 @@ def main(args):
         for row, scores in result["scores"].items():
             results.setdefault(row, []).append(scores)
     if cuts:
-        cut = f"cutting {'+'.join(map(str, cuts))} motion modules"
+        cut = f"cutting {'+'.join(map(str, cuts))} blocks"
     elif base["prune"].get("prune_params"):
-        cut = f"each cutting at least {base['prune']['prune_params']:,} motion-module parameters"
+        cut = f"each cutting at least {base['prune']['prune_params']:,} block parameters"
     else:
-        cut = f"each cutting {base['prune'].get('num_blocks', 1)} motion modules"
+        cut = f"each cutting {base['prune'].get('num_blocks', 1)} blocks"
     table = (f"Held-out prompts; {args.stages} stages {cut}; seeds {seeds}; mean ± sample std over seeds; "
              f"{seconds / 60:.1f} CPU-process minutes in all\n\n" + ablation_table(results, aspects)
              + "\n" + per_seed_table(results, aspects, seeds))

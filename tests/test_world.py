@@ -162,6 +162,29 @@ def test_teacher_training_script_runs_and_resumes(tmp_path, capsys):
     assert frames.shape == (1, 8, 16, 16, 3)
 
 
+def test_dit_teacher_training_runs_resumes_and_loads_through_its_backend(tmp_path, capsys):
+    out = tmp_path / "dit"
+    flags = ["--model", "dit", "--output_dir", str(out), "--train_batch_size", "2", "--dim", "32", "--num_layers", "2"]
+    train_world_teacher.main(train_world_teacher.parse_args(flags + ["--max_train_steps", "2", "--checkpointing_steps", "2"]))
+    assert torch.load(out / "train_state.pt", weights_only=True)["step"] == 2
+    train_world_teacher.main(train_world_teacher.parse_args(flags + ["--max_train_steps", "3", "--checkpointing_steps", "3"]))
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    assert "resumed from" in capsys.readouterr().out
+    assert state["step"] == 3 and {s["step"].item() for s in state["optimizer"]["state"].values()} == {3.0}
+    args = stage.parse_config(["--config", str(ROOT / "configs/world_wan.yaml"), "--pretrained_model_name_or_path",
+                               str(out), "--num_inference_steps", "2"], "t", {"model": stage.MODEL_OPTIONS})
+    backend = stage.backend_of(args)
+    transformer = models.load_model(backend, args)
+    saved = transformer.state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in state["ema"].items())  # the teacher is the average
+    assert [b["name"] for b in models.list_blocks(backend, transformer)] == ["blocks.0", "blocks.1"]
+    frames, latents = backend.generate(backend.load_pipeline(args, transformer), ["a red square moves left slowly"] * 2,
+                                       [0, 0], args, return_latents=True)
+    assert frames.shape == (2, 8, 16, 16, 3) and latents.shape == (2, 48, 8, 4, 4) and np.array_equal(frames[0], frames[1])
+    decoded = (latents / world.SCALE).clamp(0, 1)  # the pixel VAE is lossless: the frames are the latents, rounded
+    assert (world.frames_to_latents(frames) - decoded).abs().max() <= 0.5 / 255 + 1e-6
+
+
 def test_snr_weight_lifts_low_noise_steps_and_keeps_the_zero_snr_step():
     from diffusers import DDPMScheduler
 
@@ -226,6 +249,25 @@ def test_a_short_loop_on_the_world(tmp_path):
     assert f"| teacher (M0) | {teacher['visual_quality']:.3f} |" in table and "| stage_1/train |" in table
 
 
+def test_a_short_loop_on_the_world_dit(tmp_path):
+    config = yaml.safe_load((ROOT / "configs/world_wan.yaml").read_text())
+    config["model"].update(num_inference_steps=4, pretrained_model_name_or_path=str(ROOT / "weights/world_wan"))
+    config["prune"].update(num_prune_prompts=2, num_blocks=1)
+    config["curate"].update(max_prompts=16, tau_p=1.0)
+    config["train"].update(max_train_steps=2, train_batch_size=2)
+    config["eval"].update(num_eval_prompts=2, videos_per_prompt=1, latency_runs=1)
+    for section, key in (("prune", "prune_prompts"), ("curate", "curation_prompts"), ("eval", "eval_prompts")):
+        config[section][key] = str(ROOT / config[section][key])
+    path = tmp_path / "world_wan.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run_script("bash", "vip_loop.sh", "world_wan", "1", env={"CONFIG": str(path), "RUN_DIR": str(tmp_path / "run")})
+    report = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())
+    assert [m["label"] for m in report["models"]] == ["teacher (M0)", "stage_1/prune", "stage_1/train"]
+    student = json.loads((tmp_path / "run" / "stage_1" / "train" / "student" / "student.json").read_text())
+    assert student["backend"] == "world_wan" and len(student["removed_blocks"]) == 1
+    assert "| Block params |" in (tmp_path / "run" / "eval" / "eval.md").read_text()
+
+
 def test_ablation_shares_what_variants_share_and_gathers_seeds(tmp_path, monkeypatch):
     """The ablation's plumbing, through the real vip_loop.sh with each script a record of its call
     (tests/fake_stage.py): stage 1 prunes and curates once for all variants, offline ReDPO trains on
@@ -265,7 +307,7 @@ def test_ablation_shares_what_variants_share_and_gathers_seeds(tmp_path, monkeyp
     ablation.main(ablation.parse_args(["--seeds", "0", "1", "--num_blocks", "3", "2", "--output_dir", str(out)]))
     assert len(log.read_text().splitlines()) == n  # both seeds done: nothing runs again
     table = (out / "ablation.md").read_text()
-    assert "2 stages cutting 3+2 motion modules" in table
+    assert "2 stages cutting 3+2 blocks" in table
     assert "| teacher (M0) | 2.500 ± 0.707 |" in table and "| +ReDPO offline | 2.250 ± 0.354 |" in table
     assert "| 0 | ReDPO - SFT | -0.200 |" in table and "| 1 | online - offline | +0.000 |" in table  # the fake's rows
 
@@ -275,7 +317,7 @@ def test_ablation_shares_what_variants_share_and_gathers_seeds(tmp_path, monkeyp
     log.write_text("")  # without --num_blocks, the config's budget decides
     ablation.main(ablation.parse_args(["--seeds", "3", "--output_dir", str(out)]))
     assert "num_blocks" not in yaml.safe_load((out / "seed_3" / "redpo.yaml").read_text())["prune"]
-    assert "2 stages each cutting at least 250,000 motion-module parameters" in (out / "ablation.md").read_text()
+    assert "2 stages each cutting at least 250,000 block parameters" in (out / "ablation.md").read_text()
 
     with pytest.raises(common.ConfigError, match="--num_blocks: expected one number or 2"):
         ablation.parse_args(["--num_blocks", "1", "2", "3", "--output_dir", str(out)])
