@@ -13,6 +13,7 @@ shifted by the config's flow_shift, the shift the sampler uses: the student is t
 levels it is sampled at (see configs/wan.yaml for where each choice comes from).
 """
 
+import inspect
 import os
 from types import SimpleNamespace
 
@@ -86,7 +87,7 @@ def sampling_scheduler(args):
     config = UniPCMultistepScheduler.load_config(args.pretrained_model_name_or_path, subfolder="scheduler",
                                                  **models.hub_kwargs(args))
     cls = getattr(diffusers, config["_class_name"])
-    shift = "flow_shift" if "flow_shift" in cls.__init__.__code__.co_varnames else "shift"
+    shift = "flow_shift" if "flow_shift" in inspect.signature(cls.__init__).parameters else "shift"  # UniPC | Euler
     return cls.from_config(config, **{shift: args.flow_shift})
 
 

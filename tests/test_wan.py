@@ -3,11 +3,12 @@ formulas, a tiny Wan against diffusers' own WanPipeline, and a stage of the loop
 Run: python -m pytest -q tests/test_wan.py"""
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler, WanPipeline, WanTransformer3DModel
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 from safetensors import safe_open
 
 import common
@@ -71,6 +72,33 @@ def test_a_removed_block_is_the_block_with_its_three_updates_zeroed(tiny_wan):
             torch.nn.init.zeros_(linear.weight), torch.nn.init.zeros_(linear.bias)
         zeroed = transformer(*inputs).sample
     assert torch.allclose(removed, zeroed, atol=1e-6)
+
+
+def test_sampling_takes_the_configs_flow_shift(tiny_wan):
+    """The folder's scheduler at the config's shift, whichever flow scheduler the folder names."""
+    for cls in ("UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler"):
+        timesteps = {}
+        for shift in (1.0, 5.0):
+            args = argparse.Namespace(**{**vars(tiny_wan), "flow_shift": shift})
+            if cls != "UniPCMultistepScheduler":
+                args.pretrained_model_name_or_path = str(_euler_folder(tiny_wan))
+            scheduler = wan.sampling_scheduler(args)
+            assert type(scheduler).__name__ == cls
+            scheduler.set_timesteps(4)
+            timesteps[shift] = scheduler.timesteps.float()
+        if cls == "UniPCMultistepScheduler":  # Wan's: the shift maps each unshifted sigma
+            sigma = timesteps[1.0] / 1000
+            assert torch.allclose(timesteps[5.0] / 1000, 5 * sigma / (1 + 4 * sigma), atol=2e-3)
+        else:
+            own = FlowMatchEulerDiscreteScheduler(shift=5.0)
+            own.set_timesteps(4)
+            assert torch.equal(timesteps[5.0], own.timesteps.float()) and not torch.equal(timesteps[1.0], timesteps[5.0])
+
+
+def _euler_folder(tiny_wan):
+    folder = Path(tiny_wan.pretrained_model_name_or_path).parent / "euler"
+    FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(folder / "scheduler")
+    return folder
 
 
 def test_a_removed_sublayer_is_its_branch_zeroed_and_a_student_keeps_it(tiny_wan, tmp_path):
