@@ -250,10 +250,15 @@ def test_a_short_loop_on_the_world(tmp_path):
 
 
 def test_a_short_loop_on_the_world_dit(tmp_path):
+    """The loop's plumbing on the world's DiT: a teacher of a few steps, trained here."""
+    teacher = tmp_path / "teacher"
+    train_world_teacher.main(train_world_teacher.parse_args(["--model", "dit", "--output_dir", str(teacher),
+                                                             "--max_train_steps", "3", "--train_batch_size", "2",
+                                                             "--dim", "32", "--num_layers", "3"]))
     config = yaml.safe_load((ROOT / "configs/world_wan.yaml").read_text())
-    config["model"].update(num_inference_steps=4, pretrained_model_name_or_path=str(ROOT / "weights/world_wan"))
+    config["model"].update(num_inference_steps=4, pretrained_model_name_or_path=str(teacher))
     config["prune"].update(num_prune_prompts=2, num_blocks=1)
-    config["curate"].update(max_prompts=16, tau_p=1.0)
+    config["curate"].update(max_prompts=16, tau_p=-1.0, pair_score="mean")  # a 3-step teacher: any pair
     config["train"].update(max_train_steps=2, train_batch_size=2)
     config["eval"].update(num_eval_prompts=2, videos_per_prompt=1, latency_runs=1)
     for section, key in (("prune", "prune_prompts"), ("curate", "curation_prompts"), ("eval", "eval_prompts")):
