@@ -75,7 +75,8 @@ def run_loop(root, tag, config, stages, offline):
     """One variant: `bash vip_loop.sh MODEL STAGES [--offline]` on its own config and run folder."""
     path = os.path.join(root, f"{tag}.yaml")
     common.atomic_write_text(path, yaml.safe_dump(config, sort_keys=False))
-    env = dict(os.environ, CONFIG=os.path.abspath(path), RUN_DIR=os.path.abspath(os.path.join(root, tag)))
+    env = dict(os.environ, CONFIG=os.path.abspath(path), RUN_DIR=os.path.abspath(os.path.join(root, tag)),
+               TEACHER_CACHE=os.path.abspath(os.path.join(root, "teacher")))  # M0's videos: one set a seed
     cmd = ["bash", os.path.join(ROOT, "vip_loop.sh"), tag, str(stages)] + ["--offline"] * offline
     subprocess.run(cmd, env=env, check=True)
     return os.path.join(root, tag, f"stage_{stages}", "train", "student")
@@ -116,7 +117,8 @@ def run_seed(args, seed, config):
     finals["pruned"] = pruned_baseline(config_path, root, finals["+ReDPO"])
     launch = shlex.split(os.environ.get("LAUNCH", sys.executable))  # as vip_loop.sh starts the scripts
     subprocess.run([*launch, os.path.join(ROOT, "evaluate.py"), "--config", config_path, "--output_dir",
-                    os.path.join(root, "eval"), "--students", *[finals[r] for r in ROWS[1:]]], check=True)
+                    os.path.join(root, "eval"), "--students", *[finals[r] for r in ROWS[1:]],
+                    "--teacher_cache", os.path.join(root, "teacher")], check=True)
     entries = json.load(open(os.path.join(root, "eval", "eval.json")))["models"]
     return {r: m["scores"] for r, m in zip(ROWS, entries)}
 

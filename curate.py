@@ -33,6 +33,7 @@ import common
 import models
 import rewards
 import stage
+import teacher_cache
 
 OPTIONS = {
     "output_dir": (None, "where pairs.jsonl, videos/ and latents/ go"),
@@ -234,24 +235,29 @@ def main(args):
 
     # Teacher M0 makes the winners, the current student the losers; they share VAE and text encoder.
     dtype = common.weight_dtype(args.mixed_precision)
-    student = backend.load_pipeline(args, models.load_model(backend, args, student=args.student, dtype=dtype),
-                                   device=accelerator.device, dtype=dtype)
-    teacher = backend.with_denoiser(student, models.load_model(backend, args, dtype=dtype).to(accelerator.device))
+    pruned = models.load_model(backend, args, student=args.student, dtype=dtype)
+    student = backend.load_pipeline(args, pruned, device=accelerator.device, dtype=dtype)
+    m0 = models.load_model(backend, args, dtype=dtype).to(accelerator.device)
+    teacher = backend.with_denoiser(student, m0)
+    cost, kept_videos = stage.Ledger("curate"), teacher_cache.TeacherCache(args)
+    cost.watch(m0, pruned)
     reward = rewards.load_reward(args, device=accelerator.device)
     if set(targets) - set(reward.aspects):
         raise common.ConfigError(f"curate: target aspects {', '.join(targets)}: reward {args.reward} scores only "
                                  f"{', '.join(reward.aspects)}")
     rewards.check_prompts(reward, prompts, args.curation_prompts)
     stage.start_stage(accelerator, out, args, ["pairs.jsonl", "candidates.jsonl", "prompts.txt", "items", "videos",
-                                                "latents"])
+                                                "latents", "cost.json"])
     if accelerator.is_main_process:
         common.atomic_write_text(os.path.join(out, "prompts.txt"), "\n".join(prompts) + "\n")
 
     def work(chunk):
         prompts_, seeds = [c["prompt"] for c in chunk], [c["seed"] for c in chunk]
-        winners, w_latents = backend.generate(teacher, prompts_, seeds, args, return_latents=True)
+        winners, w_latents, w_scores = teacher_cache.videos(kept_videos, backend, teacher, reward, prompts_, seeds, args,
+                                                            cost)
         losers, l_latents = backend.generate(student, prompts_, seeds, args, return_latents=True)
-        w_scores, l_scores = reward.score(list(winners), prompts_), reward.score(list(losers), prompts_)
+        l_scores = reward.score(list(losers), prompts_)
+        cost.generated("student", len(chunk)), cost.scored(len(chunk))
         # The prompts' embeddings go beside the latents, so training never runs the text encoder
         # (Wan's UMT5-XXL is 11 GB).
         with torch.no_grad():
@@ -290,6 +296,7 @@ def main(args):
     if accelerator.is_main_process:
         common.atomic_write_text(os.path.join(out, "pairs.jsonl"), "".join(json.dumps(r) + "\n" for r in kept))
         print(f"curate: kept {len(kept)} of {len(rows)} pairs on {', '.join(targets)} ({counts})")
+    cost.write(accelerator, out)
     accelerator.wait_for_everyone()
 
 

@@ -17,6 +17,7 @@ by side for the same prompts and seeds), videos/<model>/ (every evaluated video)
 
 import hashlib
 import html
+import json
 import os
 import re
 import time
@@ -32,6 +33,7 @@ import common
 import models
 import rewards
 import stage
+import teacher_cache
 
 OPTIONS = {
     "output_dir": (None, "where eval.json, eval.md and the videos go"),
@@ -70,7 +72,8 @@ def label(path):
 
 
 def measure_latency(backend, pipe, args, runs, prompt):
-    """Median wall time of generating one video (all steps, guidance, decoding)."""
+    """Wall times of generating one video (all steps, guidance, decoding), `runs` of them after one
+    untimed warm-up: the median is reported, the others say how noisy the machine was."""
     sync = torch.cuda.synchronize if pipe.device.type == "cuda" else (lambda: None)
     times = []
     for i in range(runs + 1):
@@ -79,7 +82,24 @@ def measure_latency(backend, pipe, args, runs, prompt):
         backend.generate(pipe, [prompt], [i], args)
         sync()
         times.append(time.perf_counter() - start)
-    return sorted(times[1:])[len(times[1:]) // 2]
+    return sorted(times[1:])
+
+
+def median(times):
+    return times[len(times) // 2]
+
+
+def measure(backend, model, pipe, args, prompt, path):
+    """A model's parameters, FLOPs and latencies, measured once and kept in `path`: a later
+    evaluation with more students does not measure the models it has measured."""
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    result = {"motion_parameters": models.block_parameters(backend, model), "unet_parameters": models.count_parameters(model),
+              "flops_per_step": models.count_flops(backend, model, args.num_frames, args.height, args.width),
+              "latency_runs_s": measure_latency(backend, pipe, args, args.latency_runs, prompt)}
+    common.atomic_write_json(path, result)
+    return result
 
 
 def table(entries, aspects, blocks="Motion params", denoiser="UNet params"):
@@ -88,7 +108,8 @@ def table(entries, aspects, blocks="Motion params", denoiser="UNet params"):
     for m in entries:
         rows.append("| " + " | ".join([m["label"]] + [f"{m['scores'][a]:.3f}" for a in aspects] + [
             f"{m['average']:.3f}", f"{m['motion_parameters'] / 1e6:.3f}M", f"{m['unet_parameters'] / 1e6:.2f}M",
-            f"{m['flops_per_step'] / 1e9:.2f}", f"{m['latency_s']:.3f}"]) + " |")
+            f"{m['flops_per_step'] / 1e9:.2f}", f"{m['latency_s']:.3f} ({min(m['latency_runs_s']):.3f}-"
+            f"{max(m['latency_runs_s']):.3f})"]) + " |")
     return "\n".join(rows) + "\n"
 
 
@@ -177,19 +198,28 @@ def main(args):
     unets = {model_key(p): models.load_model(backend, args, student=p, dtype=dtype).to(accelerator.device) for p in paths}
     pipe = backend.load_pipeline(args, unets["teacher"], device=accelerator.device, dtype=dtype)
     pipes = {k: pipe if k == "teacher" else backend.with_denoiser(pipe, u) for k, u in unets.items()}
-    stage.start_stage(accelerator, out, args, ["eval.json", "eval.md", "report.html", "aspects.png", "items", "videos"],
+    stage.start_stage(accelerator, out, args, ["eval.json", "eval.md", "report.html", "aspects.png", "items", "videos",
+                                                "cost.json"],
                        work=["items", "videos"], work_ignores=["students"], final="eval.json")
 
     n = args.videos_per_prompt
     items = [{"id": f"{k}__{i:04d}_{j}", "model": k, "prompt": p, "seed": args.seed + i * n + j}
              for k in unets for i, p in enumerate(prompts) for j in range(n)]
 
+    cost, kept = stage.Ledger("evaluate"), teacher_cache.TeacherCache(args)
+    cost.watch(*unets.values())
+
     def work(chunk):
         results = {}
         for k in dict.fromkeys(c["model"] for c in chunk):
             group = [c for c in chunk if c["model"] == k]
-            frames = backend.generate(pipes[k], [c["prompt"] for c in group], [c["seed"] for c in group], args)
-            scores = reward.score(list(frames), [c["prompt"] for c in group])
+            prompts_, seeds = [c["prompt"] for c in group], [c["seed"] for c in group]
+            if k == "teacher":  # M0's videos: made once a run
+                frames, _, scores = teacher_cache.videos(kept, backend, pipes[k], reward, prompts_, seeds, args, cost)
+            else:
+                frames = backend.generate(pipes[k], prompts_, seeds, args)
+                scores = reward.score(list(frames), prompts_)
+                cost.generated("student", len(group)), cost.scored(len(group))
             if second is not None:
                 scores = [{**s, **{f"{a}/features": v for a, v in t.items()}} for s, t in
                           zip(scores, second.score(list(frames), [c["prompt"] for c in group]))]
@@ -208,13 +238,12 @@ def main(args):
         for path, (k, unet) in zip(paths, unets.items()):
             mine = [r for r in results if r["model"] == k]
             scores = {a: sum(r["scores"][a] for r in mine) / len(mine) for a in mine[0]["scores"]}
+            with cost.as_role("teacher" if k == "teacher" else "student"):
+                measured = measure(backend, unet, pipes[k], args, prompts[0], os.path.join(out, "items", f"{k}.measured.json"))
             entries.append({
                 "label": label(path), "path": path or "M0", "key": k, "scores": scores,
-                "average": sum(scores[a] for a in args.aspects) / len(args.aspects),
-                "motion_parameters": models.block_parameters(backend, unet), "unet_parameters": models.count_parameters(unet),
-                "flops_per_step": models.count_flops(backend, unet, args.num_frames, args.height, args.width),
-                "latency_s": measure_latency(backend, pipes[k], args, args.latency_runs, prompts[0]),
-                "videos": [r["video"] for r in mine],
+                "average": sum(scores[a] for a in args.aspects) / len(args.aspects), **measured,
+                "latency_s": median(measured["latency_runs_s"]), "videos": [r["video"] for r in mine],
             })
         report = {"aspects": list(args.aspects), "prompts": args.eval_prompts, "num_prompts": len(prompts),
                   "device": str(accelerator.device), "models": entries,
@@ -225,13 +254,15 @@ def main(args):
               f"{names['blocks_are']} and of the whole {names['denoiser']}; "
               f"FLOPs of one {names['denoiser']} call for one video "
               f"({args.num_frames} frames, {args.height}x{args.width}); latency: one video, "
-              f"{args.num_inference_steps} steps with guidance, median of {args.latency_runs}, on {accelerator.device}.\n\n"
+              f"{args.num_inference_steps} steps with guidance, median (min-max) of {args.latency_runs} after a warm-up, "
+              f"on {accelerator.device}; each model measured once.\n\n"
               + table(entries, args.aspects, names["blocks"], names["denoiser"][:1].upper() + names["denoiser"][1:] + " params")
               + features_table(entries))
         common.atomic_write_text(os.path.join(out, "eval.md"), md)
         write_report(out, report, md)
         common.atomic_write_json(os.path.join(out, "eval.json"), report)  # last: marks the evaluation done
         print(md + f"\nreport: {os.path.join(out, 'report.html')}")
+    cost.write(accelerator, out)
     accelerator.wait_for_everyone()
 
 

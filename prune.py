@@ -22,6 +22,7 @@ import common
 import models
 import rewards
 import stage
+import teacher_cache
 
 OPTIONS = {
     "output_dir": (None, "where ranking.json and the pruned student go"),
@@ -88,11 +89,14 @@ def main(args):
     # The student to prune and, from stage 2 on, the teacher M0 it is compared with.
     unet = models.load_model(backend, args, student=args.student, dtype=dtype)
     pipe = backend.load_pipeline(args, unet, device=accelerator.device, dtype=dtype)
-    pipes = {"student": pipe}
+    pipes, denoisers = {"student": pipe}, [unet]
     if args.student is not None:
-        pipes["teacher"] = backend.with_denoiser(pipe, models.load_model(backend, args, dtype=dtype).to(accelerator.device))
+        denoisers.append(models.load_model(backend, args, dtype=dtype).to(accelerator.device))
+        pipes["teacher"] = backend.with_denoiser(pipe, denoisers[-1])
     reward = rewards.load_reward(args, device=accelerator.device)
     rewards.check_prompts(reward, prompts, args.prune_prompts)
+    cost, kept = stage.Ledger("prune"), teacher_cache.TeacherCache(args)
+    cost.watch(*denoisers)
     blocks = models.list_blocks(backend, unet)
     if args.candidates:
         present = [b["name"] for b in blocks]
@@ -106,7 +110,7 @@ def main(args):
         raise common.ConfigError(f"{args.student}: every block is already removed; nothing left to prune")
     motion_before = models.block_parameters(backend, unet)
     scan_dir = os.path.join(args.output_dir, "scan")
-    stage.start_stage(accelerator, args.output_dir, args, ["ranking.json", "ranking.md", "scan", "student"])
+    stage.start_stage(accelerator, args.output_dir, args, ["ranking.json", "ranking.md", "scan", "student", "cost.json"])
 
     def scan(variants, phase):
         items = [{"id": f"{v}__{i:04d}", "variant": v, "prompt": p, "seed": args.seed + i}
@@ -117,10 +121,15 @@ def main(args):
             for v in dict.fromkeys(c["variant"] for c in chunk):  # a shard may mix variants
                 group = [c for c in chunk if c["variant"] == v]
                 names = [v] if v in block_names else chosen if v == "pruned" else []
-                with models.blocks_removed(backend, unet, names):
-                    frames = backend.generate(pipes.get(v, pipe), [c["prompt"] for c in group],
-                                             [c["seed"] for c in group], args)
-                for c, s in zip(group, reward.score(list(frames), [c["prompt"] for c in group])):
+                prompts_, seeds = [c["prompt"] for c in group], [c["seed"] for c in group]
+                if v == "teacher" or (v == "student" and args.student is None):  # M0 itself: made once a run
+                    scores = teacher_cache.videos(kept, backend, pipes.get(v, pipe), reward, prompts_, seeds, args, cost)[2]
+                else:
+                    with models.blocks_removed(backend, unet, names):
+                        frames = backend.generate(pipes.get(v, pipe), prompts_, seeds, args)
+                    scores = reward.score(list(frames), prompts_)
+                    cost.generated("student", len(group)), cost.scored(len(group))
+                for c, s in zip(group, scores):
                     results[c["id"]] = {"variant": v, "prompt": c["prompt"], "seed": c["seed"], "scores": s}
             return [results[c["id"]] for c in chunk]
 
@@ -160,6 +169,7 @@ def main(args):
         common.atomic_write_json(os.path.join(args.output_dir, "ranking.json"), ranking)  # last: marks the stage done
         print(f"prune: removed {', '.join(chosen)}; targets: {', '.join(targets)}; motion parameters "
               f"{ranking['motion_parameters']['before'] / 1e6:.2f}M -> {ranking['motion_parameters']['after'] / 1e6:.2f}M")
+    cost.write(accelerator, args.output_dir)
     accelerator.wait_for_everyone()
 
 

@@ -5,6 +5,8 @@ is done and resumes the rest, results of another config kept aside) and its shar
 """
 
 import argparse
+import collections
+import contextlib
 import csv
 import fcntl
 import glob
@@ -13,14 +15,16 @@ import json
 import os
 import pkgutil
 import re
+import resource
 import shutil
 import socket
 import sys
 import time
 from pathlib import Path
 
+import torch
 import yaml
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, gather_object
 from huggingface_hub import constants, hf_hub_download
 from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
                                     RevisionNotFoundError)
@@ -55,6 +59,8 @@ MODEL_OPTIONS = {
     "generation_batch_size": (4, "videos generated per pipeline call", {"min": 1}),
     "mixed_precision": ("no", "no | fp16 | bf16: weights of frozen models and generation; autocast in training",
                         {"choices": MIXED_PRECISION}),
+    "teacher_cache": (None, "a folder where M0's videos, latents and scores are kept for reuse by every stage "
+                            "(vip_loop.sh: <run>/teacher; teacher_cache.py); default: none kept"),
 }
 
 
@@ -393,10 +399,11 @@ def read_manifest(path):
 # Keys that change how a run goes, not what it makes: a rerun differing only in them resumes.
 RUN_ONLY_KEYS = {"output_dir", "resume_from_checkpoint", "report_to", "logging_steps", "checkpointing_steps",
                  "validation_steps", "validation_prompts", "num_validation_videos",
-                 "checkpoints_total_limit", "dataloader_num_workers", "generation_batch_size", "reward_batch_size"}
+                 "checkpoints_total_limit", "dataloader_num_workers", "generation_batch_size", "reward_batch_size",
+                 "teacher_cache"}
 
 
-def _what_it_makes(config, ignore=(), keys=None):
+def what_it_makes(config, ignore=(), keys=None):
     """The config without the keys that do not change the artifacts; paths that exist as the files
     they name (the same folder through a symlink is the same input). With `keys` ({section: keys}),
     only those: a key this version no longer has cannot change what it makes."""
@@ -424,7 +431,7 @@ def config_matches(output_dir, args, ignore=()):
     """True when `output_dir/config.yaml` was written for a config that makes the same artifacts
     (keys in `ignore` aside)."""
     saved, current = _saved_config(output_dir), config_dict(args)
-    return saved is not None and _what_it_makes(saved, ignore, current) == _what_it_makes(current, ignore)
+    return saved is not None and what_it_makes(saved, ignore, current) == what_it_makes(current, ignore)
 
 
 def stage_done(output_dir, args, final_artifact):
@@ -434,7 +441,7 @@ def stage_done(output_dir, args, final_artifact):
 
 def _config_changes(saved, args, ignore=()):
     current = config_dict(args)
-    old, new = _what_it_makes(saved or {}, ignore, current), _what_it_makes(current, ignore)
+    old, new = what_it_makes(saved or {}, ignore, current), what_it_makes(current, ignore)
     keys = [f"{s}.{k}" for s in new for k in new[s] if (old.get(s) or {}).get(k, "<unset>") != new[s][k]]
     return ", ".join(keys[:4]) + (" ..." if len(keys) > 4 else "") if keys else "unknown config"
 
@@ -554,3 +561,57 @@ def run_items(items, work, out_path, accelerator, desc, batch_size=1):
     accelerator.wait_for_everyone()
     return [json.loads(Path(out_path(it["id"])).read_text()) for it in items]
 
+
+# -----------------------------------------------------------------------------
+# What a script spent (summed over a run by ledger.py).
+
+
+class Ledger:
+    """What one invocation of a script spends, written to cost.json beside its outputs (ledger.py)."""
+
+    def __init__(self, script):
+        self.script, self.counts, self.role = script, collections.Counter(), "student"
+        self.wall, self.cpu = time.time(), time.process_time()
+
+    def watch(self, *modules, role=None):
+        """Count the modules' forward calls, one per video in the batch, as `role`'s (default: the current one's)."""
+        for module in modules:
+            module.register_forward_pre_hook(lambda m, args, kwargs: self.counts.update(
+                {f"denoiser_calls/{role or self.role}": _batch(args, kwargs)}), with_kwargs=True)
+
+    @contextlib.contextmanager
+    def as_role(self, role):
+        """Calls inside are the teacher's (M0's videos) or a student's (any other model, candidates too)."""
+        old, self.role = self.role, role
+        try:
+            yield
+        finally:
+            self.role = old
+
+    def generated(self, role, n):
+        self.counts[f"videos/{role}"] += n
+
+    def scored(self, n):
+        self.counts["videos_scored"] += n
+
+    def write(self, accelerator, out_dir):
+        """Append this invocation's spending, summed over processes, to `out_dir/cost.json`."""
+        mine = {**self.counts, "wall_s": time.time() - self.wall, "cpu_s": time.process_time() - self.cpu,
+                "peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        every = gather_object([mine]) if accelerator.num_processes > 1 else [mine]
+        if not accelerator.is_main_process:
+            return
+        total = {"script": self.script, "processes": len(every), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for key in sorted({k for e in every for k in e}):
+            values = [e.get(key) for e in every if e.get(key) is not None]
+            if values:
+                total[key] = max(values) if key in ("wall_s", "peak_bytes", "peak_rss_bytes") else sum(values)
+        path = os.path.join(out_dir, "cost.json")
+        entries = json.load(open(path)) if os.path.exists(path) else []
+        atomic_write_json(path, entries + [total])
+
+
+def _batch(args, kwargs):
+    x = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
+    return int(x.shape[0]) if isinstance(x, torch.Tensor) else 1

@@ -312,7 +312,7 @@ def main(args):
     objective = backend.objective(args)  # noising, timesteps and target: DDPM or flow matching
 
     aside = stage.start_stage(accelerator, args.output_dir, args,
-                               ["student", "checkpoint-*", "metrics.jsonl", "logs", "validation"])
+                               ["student", "checkpoint-*", "metrics.jsonl", "logs", "validation", "cost.json"])
     if resume not in (None, "latest") and not os.path.isdir(resume) and aside:  # moved aside with the rest
         resume = os.path.join(aside, os.path.relpath(resume, os.path.abspath(args.output_dir)))
 
@@ -326,6 +326,8 @@ def main(args):
                                          num_workers=args.dataloader_num_workers)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=args.max_train_steps * accelerator.num_processes)
+    cost = stage.Ledger("train")
+    cost.watch(teacher, role="teacher"), cost.watch(student, role="student")
     student, optimizer, loader, lr_scheduler = accelerator.prepare(student, optimizer, loader, lr_scheduler)
     updates_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
     num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
@@ -433,6 +435,7 @@ def main(args):
                                    "beta": args.beta, "w_sft": args.w_sft, "pairs": args.pairs})
         print(f"train: saved {args.output_dir}/student after {global_step} steps")
         log.close()
+    cost.write(accelerator, args.output_dir)
     accelerator.end_training()
 
 

@@ -8,8 +8,9 @@
 #   LAUNCH="accelerate launch --num_processes 8" bash vip_loop.sh animatediff 3
 #
 # Env: LAUNCH (how each script starts; default "python"), RUN_DIR (default runs/<MODEL>, or
-# runs/<MODEL>-offline), CONFIG (default configs/<MODEL>.yaml). Every stage skips what it already
-# finished, so a killed run is finished by running the same command again.
+# runs/<MODEL>-offline), CONFIG (default configs/<MODEL>.yaml), TEACHER_CACHE (where M0's videos are
+# kept for every stage; default <RUN_DIR>/teacher). Every stage skips what it already finished, so a
+# killed run is finished by running the same command again. It ends with the run's cost (ledger.py).
 set -euo pipefail
 
 usage() { echo "usage: bash vip_loop.sh MODEL STAGES [--offline]   (MODEL: a configs/<MODEL>.yaml)" >&2; exit 2; }
@@ -31,6 +32,7 @@ config=${CONFIG:-configs/$model.yaml}
 [ -f "$config" ] || { echo "error: $config: no such config; models: $(ls configs/*.yaml | xargs -n1 basename | sed 's/.yaml$//' | tr '\n' ' ')" >&2; exit 2; }
 suffix=$([ $offline = 1 ] && echo -offline || true)
 run=${RUN_DIR:-runs/$model$suffix}
+teacher=${TEACHER_CACHE:-$run/teacher}   # M0's videos, made once a run (teacher_cache.py)
 read -r -a launch <<< "${LAUNCH:-python}"
 # One loop per run folder: a second one on the same folder stops here, naming the first (after
 # waiting a few seconds, in which a just-killed first one finishes exiting).
@@ -47,13 +49,13 @@ students=()       # every student so far, for the evaluation table
 for ((k = 1; k <= stages; k++)); do
   stage="$run/stage_$k"
   echo "== stage $k/$stages: $stage"
-  "${launch[@]}" prune.py --config "$config" --output_dir "$stage/prune" "${student[@]}"
+  "${launch[@]}" prune.py --config "$config" --output_dir "$stage/prune" "${student[@]}" --teacher_cache "$teacher"
 
   if [ $offline = 1 ] && [ $k -gt 1 ]; then
     pairs="$run/stage_1/curate/pairs.jsonl"
   else
     "${launch[@]}" curate.py --config "$config" --output_dir "$stage/curate" \
-      --student "$stage/prune/student" --ranking "$stage/prune/ranking.json"
+      --student "$stage/prune/student" --ranking "$stage/prune/ranking.json" --teacher_cache "$teacher"
     pairs="$stage/curate/pairs.jsonl"
   fi
 
@@ -62,6 +64,8 @@ for ((k = 1; k <= stages; k++)); do
 
   student=(--student "$stage/train/student")
   students+=("$stage/prune/student" "$stage/train/student")
-  "${launch[@]}" evaluate.py --config "$config" --output_dir "$run/eval" --students "${students[@]}"
+  "${launch[@]}" evaluate.py --config "$config" --output_dir "$run/eval" --students "${students[@]}" \
+    --teacher_cache "$teacher"
 done
-echo "== done: $run/eval/eval.md"
+python ledger.py "$run"
+echo "== done: $run/eval/eval.md, $run/cost.md"

@@ -1,0 +1,73 @@
+"""The teacher M0's videos, made once per run: M0 never changes, so its video, latents and reward
+scores for a (prompt, seed) are kept and reused by every stage's block scan and curation (the
+winners) and by every evaluation (the teacher's rows).
+
+They live in `<teacher_cache>/<key>/`, one safetensors file a (prompt, seed), written atomically;
+processes share them through the files. `key` is a digest of every model and reward setting that
+changes a video or its scores, so another setting makes (and keeps) another set beside the old one.
+vip_loop.sh passes `--teacher_cache <run>/teacher`; without the flag nothing is kept.
+"""
+
+import hashlib
+import json
+import os
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import common
+import stage
+
+def settings_key(args):
+    """A digest of what makes M0's videos and their scores: the model and reward sections."""
+    config = stage.config_dict(args)
+    made = stage.what_it_makes({s: config[s] for s in ("model", "reward") if s in config})
+    return hashlib.sha256(json.dumps(made, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class TeacherCache:
+    def __init__(self, args):
+        self.folder = os.path.join(args.teacher_cache, settings_key(args)) if args.teacher_cache else None
+        if self.folder:
+            os.makedirs(self.folder, exist_ok=True)
+            config = stage.config_dict(args)
+            common.atomic_write_json(os.path.join(self.folder, "settings.json"),
+                                     {s: config[s] for s in ("model", "reward") if s in config})
+
+    def path(self, prompt, seed):
+        return os.path.join(self.folder, f"{hashlib.sha1(prompt.encode()).hexdigest()[:16]}_{seed}.safetensors")
+
+    def load(self, prompt, seed):
+        """(frames, latents, scores), or None where this (prompt, seed) was never made."""
+        path = self.folder and self.path(prompt, seed)
+        if not path or not os.path.exists(path):
+            return None
+        with safe_open(path, "pt") as f:
+            meta = f.metadata()
+            if meta.get("prompt") != prompt:  # a digest collision: make it again
+                return None
+            return f.get_tensor("frames").numpy(), f.get_tensor("latents"), json.loads(meta["scores"])
+
+    def save(self, prompt, seed, frames, latents, scores):
+        if self.folder:
+            with common.atomic_path(self.path(prompt, seed)) as tmp:
+                save_file({"frames": torch.from_numpy(frames).contiguous(), "latents": latents.contiguous()}, str(tmp),
+                          metadata={"prompt": prompt, "seed": str(seed), "scores": json.dumps(scores)})
+
+
+def videos(cache, backend, pipe, reward, prompts, seeds, args, ledger):
+    """M0's frames, latents and reward scores for each (prompt, seed): kept ones loaded, the others
+    generated (in one call), scored and kept."""
+    found = [cache.load(p, s) for p, s in zip(prompts, seeds)]
+    missing = [i for i, f in enumerate(found) if f is None]
+    if missing:
+        todo_prompts, todo_seeds = [prompts[i] for i in missing], [seeds[i] for i in missing]
+        with ledger.as_role("teacher"):
+            frames, latents = backend.generate(pipe, todo_prompts, todo_seeds, args, return_latents=True)
+        scores = reward.score(list(frames), todo_prompts)
+        ledger.generated("teacher", len(missing)), ledger.scored(len(missing))
+        for k, i in enumerate(missing):
+            found[i] = (frames[k], latents[k], scores[k])
+            cache.save(prompts[i], seeds[i], frames[k], latents[k], scores[k])
+    return [f[0] for f in found], [f[1] for f in found], [f[2] for f in found]
