@@ -14,6 +14,7 @@ chosen block(s), the targets), student/ (the pruned student), config.yaml, scan/
 scores, so a killed run resumes).
 """
 
+import argparse
 import os
 
 from accelerate import Accelerator
@@ -35,6 +36,12 @@ OPTIONS = {
     "prune_params": (None, "instead of --num_blocks: remove the best-ranked blocks until at least this many "
                            "motion-module parameters are gone", {"type": int, "min": 1}),
     "seed": (0, "video i uses seed + i, the same for every candidate", {"min": 0}),
+    # A cheaper scan: the ranking's fidelity against the full settings is measured in README "Run cost".
+    "scan_num_inference_steps": (None, "denoising steps of the scan's videos (default: model.num_inference_steps)",
+                                 {"type": int, "min": 1}),
+    "scan_num_frames": (None, "frames of the scan's videos (default: model.num_frames)", {"type": int, "min": 1}),
+    "scan_height": (None, "height of the scan's videos (default: model.height)", {"type": int, "min": 1}),
+    "scan_width": (None, "width of the scan's videos (default: model.width)", {"type": int, "min": 1}),
 }
 
 
@@ -79,6 +86,12 @@ def main(args):
         models.read_student_meta(args.student)
     backend = stage.backend_of(args)
     stage.check_models(args, backend.required_models(args) + rewards.required_models(args))
+    # The scan's videos: the model's settings, or the cheaper ones asked for.
+    scan_args = argparse.Namespace(**vars(args))
+    for key in ("num_inference_steps", "num_frames", "height", "width"):
+        if getattr(args, f"scan_{key}") is not None:
+            setattr(scan_args, key, getattr(args, f"scan_{key}"))
+    backend.required_models(scan_args)  # the family's own checks of a video size (Wan: 4k + 1 frames)
     accelerator = Accelerator()
     if stage.stage_done(args.output_dir, args, "ranking.json"):
         accelerator.print(f"prune: {args.output_dir}/ranking.json is done with this config; skipping")
@@ -95,7 +108,7 @@ def main(args):
         pipes["teacher"] = backend.with_denoiser(pipe, denoisers[-1])
     reward = rewards.load_reward(args, device=accelerator.device)
     rewards.check_prompts(reward, prompts, args.prune_prompts)
-    cost, kept = stage.Ledger("prune"), teacher_cache.TeacherCache(args)
+    cost, kept = stage.Ledger("prune"), teacher_cache.TeacherCache(scan_args)
     cost.watch(*denoisers)
     blocks = models.list_blocks(backend, unet)
     if args.candidates:
@@ -123,10 +136,11 @@ def main(args):
                 names = [v] if v in block_names else chosen if v == "pruned" else []
                 prompts_, seeds = [c["prompt"] for c in group], [c["seed"] for c in group]
                 if v == "teacher" or (v == "student" and args.student is None):  # M0 itself: made once a run
-                    scores = teacher_cache.videos(kept, backend, pipes.get(v, pipe), reward, prompts_, seeds, args, cost)[2]
+                    scores = teacher_cache.videos(kept, backend, pipes.get(v, pipe), reward, prompts_, seeds, scan_args,
+                                                  cost)[2]
                 else:
                     with models.blocks_removed(backend, unet, names):
-                        frames = backend.generate(pipes.get(v, pipe), prompts_, seeds, args)
+                        frames = backend.generate(pipes.get(v, pipe), prompts_, seeds, scan_args)
                     scores = reward.score(list(frames), prompts_)
                     cost.generated("student", len(group)), cost.scored(len(group))
                 for c, s in zip(group, scores):

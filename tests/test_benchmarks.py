@@ -11,7 +11,7 @@ import torch
 
 import models
 from backends import animatediff
-from benchmarks import cpu_loop, generation, time_stage, train_step, vc2_precision, wan_candidates, wan_step
+from benchmarks import cpu_loop, generation, run_cost, time_stage, train_step, vc2_precision, wan_candidates, wan_step
 
 bench = train_step.bench
 
@@ -161,3 +161,13 @@ def test_wan_candidates_grades_blocks_and_sublayers(tmp_path):
     units = {r["unit"]: r for r in result["rows"]}
     assert set(units) == {"block", "sublayer"} and len(result["singles"]["sublayer"]) == 18
     assert all(0 < r["output_change"] and r["params_removed"] >= 0.2 for r in units.values())
+
+
+def test_run_cost_counts_fewer_teacher_calls_when_the_teacher_is_made_once(capsys):
+    md = run_cost.main(run_cost.parse_args(["--runs", "animatediff:3"]))
+    every, once = [line.split("|") for line in md.splitlines() if line.startswith("| animatediff")]
+    teacher, student = 7, 8
+    assert int(once[teacher].replace(",", "")) < int(every[teacher].replace(",", "")) / 1.5
+    assert once[student] <= every[student] and float(once[10]) < float(every[10])
+    # stage 1 curates 320 prompts x 2 seeds x 25 steps x 2 (guidance): the teacher's share of curation
+    assert int(once[4].replace(",", "")) == 3 * 32000 + 32000

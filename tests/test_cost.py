@@ -60,3 +60,18 @@ def test_another_generation_setting_is_another_set_of_teacher_videos(fast_config
     same = teacher_cache.TeacherCache(argparse.Namespace(**{**vars(args), "generation_batch_size": 1,
                                                             "output_dir": "elsewhere"}))
     assert same.folder == cache.folder  # how a run goes is not what it makes
+
+
+def test_a_cheaper_scan_generates_at_its_own_settings(fast_config, tmp_path):
+    """prune.scan_num_inference_steps: the scan's videos at 1 step instead of the model's 3, a third of the calls."""
+    calls = {}
+    for steps in (None, 1):
+        out = tmp_path / f"scan{steps}"
+        run_script("python", "prune.py", "--config", fast_config, "--output_dir", str(out),
+                   *(["--scan_num_inference_steps", str(steps)] if steps else []))
+        spent = costs(out)
+        calls[steps] = spent["denoiser_calls/teacher"] + spent["denoiser_calls/student"]
+    assert calls[None] == 3 * calls[1] > 0
+    bad = run_script("python", "prune.py", "--config", fast_config, "--output_dir", str(tmp_path / "bad"),
+                     "--scan_num_inference_steps", "0", check=False)
+    assert bad.returncode == 2 and "scan_num_inference_steps" in bad.stderr.strip().splitlines()[-1]
