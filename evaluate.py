@@ -30,6 +30,7 @@ matplotlib.use("Agg")  # files only, no display; before pyplot is imported
 import matplotlib.pyplot as plt  # noqa: E402
 
 import common
+import ledger
 import models
 import rewards
 import stage
@@ -258,6 +259,9 @@ def main(args):
               f"on {accelerator.device}; each model measured once.\n\n"
               + table(entries, args.aspects, names["blocks"], names["denoiser"][:1].upper() + names["denoiser"][1:] + " params")
               + features_table(entries))
+        spent = ledger.run_costs(os.path.dirname(os.path.abspath(out)))  # inside a vip_loop.sh run folder
+        if spent:
+            md += "\nWhat the run has cost before this evaluation (ledger.py):\n\n" + ledger.table(spent)
         common.atomic_write_text(os.path.join(out, "eval.md"), md)
         write_report(out, report, md)
         common.atomic_write_json(os.path.join(out, "eval.json"), report)  # last: marks the evaluation done
