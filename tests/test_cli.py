@@ -50,7 +50,10 @@ def test_train_on_two_processes(fast_config, stage, tmp_path):
     out = tmp_path / "train 2"
     result = run_script(*LAUNCH2, *train_cmd(fast_config, stage, out, "--train_batch_size", "1")[1:], env=CPU)
     assert "effective batch 2 pairs" in result.stdout + result.stderr
-    assert sorted(os.listdir(out)) == [".lock", "checkpoint-2", "checkpoint-4", "config.yaml", "logs", "metrics.jsonl", "student"]
+    assert sorted(os.listdir(out)) == [".lock", "checkpoint-2", "checkpoint-4", "config.yaml", "cost.json", "logs",
+                                       "metrics.jsonl", "student"]
+    spent = json.loads((out / "cost.json").read_text())[-1]  # the ledger sums both processes' calls
+    assert spent["processes"] == 2 and spent["denoiser_calls/teacher"] == 4 * 2 * 2  # steps x processes x 2 videos
     assert json.loads((out / "student" / "student.json").read_text())["steps"] == 4
 
 
