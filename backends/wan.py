@@ -13,6 +13,8 @@ shifted by the config's flow_shift, the shift the sampler uses: the student is t
 levels it is sampled at (see configs/wan.yaml for where each choice comes from).
 """
 
+import contextlib
+import functools
 import inspect
 import os
 from types import SimpleNamespace
@@ -35,6 +37,10 @@ OPTIONS = {
                    {"gt": 0}),
     "timestep_sampling": ("logit_normal", "training sigmas: logit_normal (sigmoid of a standard normal) | uniform, then "
                                           "shifted", {"choices": ("logit_normal", "uniform")}),
+    "scheduler": ("", "the sampler: a diffusers scheduler class, built from the folder's scheduler config at flow_shift "
+                      "(default: the folder's own, UniPC for Wan2.1)"),
+    "stochastic_sampling": (False, "FlowMatchEulerDiscreteScheduler's stochastic steps: each re-noises the predicted "
+                                   "clip, the noise drawn from the clip's own seed"),
     "negative_prompt": ("", "what guidance steers away from (Wan's authors use a long list of defects)"),
     "max_sequence_length": (512, "text tokens the transformer attends to (Wan: 512)", {"min": 1}),
 }
@@ -45,7 +51,24 @@ FOLDERS = ["transformer/config.json", "vae/config.json", "text_encoder/config.js
            "scheduler/scheduler_config.json"]
 
 
+def check_scheduler(args):
+    """The configured scheduler class, checked before any model loads."""
+    if not args.scheduler:
+        if args.stochastic_sampling:
+            raise ConfigError("model.stochastic_sampling: set model.scheduler: FlowMatchEulerDiscreteScheduler too")
+        return None
+    cls = getattr(diffusers, args.scheduler, None)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+        raise ConfigError(f"model.scheduler: expected a diffusers scheduler class (FlowMatchEulerDiscreteScheduler, "
+                          f"UniPCMultistepScheduler, ...); got {args.scheduler!r}")
+    if args.stochastic_sampling and "stochastic_sampling" not in inspect.signature(cls.__init__).parameters:
+        raise ConfigError(f"model.stochastic_sampling: {args.scheduler} has no stochastic sampling; "
+                          f"use FlowMatchEulerDiscreteScheduler")
+    return cls
+
+
 def required_models(args):
+    check_scheduler(args)
     if (args.num_frames - 1) % 4:
         raise ConfigError(f"model.num_frames: Wan's VAE takes 4k + 1 frames (81, 49, 17, ...); got {args.num_frames}")
     if args.height % 16 or args.width % 16:
@@ -83,12 +106,32 @@ def encode_prompts(text_encoder, tokenizer, prompts, device):
 
 
 def sampling_scheduler(args):
-    """The folder's own scheduler (UniPC with flow sigmas for Wan2.1), at the config's shift."""
+    """The configured scheduler, else the folder's own (UniPC with flow sigmas for Wan2.1), at the
+    config's shift, from the folder's scheduler config."""
     config = UniPCMultistepScheduler.load_config(args.pretrained_model_name_or_path, subfolder="scheduler",
                                                  **models.hub_kwargs(args))
-    cls = getattr(diffusers, config["_class_name"])
-    shift = "flow_shift" if "flow_shift" in inspect.signature(cls.__init__).parameters else "shift"  # UniPC | Euler
-    return cls.from_config(config, **{shift: args.flow_shift})
+    cls = check_scheduler(args) or getattr(diffusers, config["_class_name"])
+    params = inspect.signature(cls.__init__).parameters
+    kwargs = {"flow_shift" if "flow_shift" in params else "shift": args.flow_shift}  # UniPC | Euler
+    if args.stochastic_sampling:
+        kwargs["stochastic_sampling"] = True
+    config = {k: v for k, v in config.items() if k in params or k.startswith("_")}  # another class's keys
+    return cls.from_config(config, **kwargs)
+
+
+@contextlib.contextmanager
+def seeded_steps(scheduler, generators):
+    """Stochastic steps draw each clip's noise from its own generator: WanPipeline passes none to
+    `scheduler.step`, which would draw a batch's noise from the global generator, so that a clip
+    would depend on the clips beside it."""
+    if not getattr(scheduler.config, "stochastic_sampling", False):
+        yield
+        return
+    scheduler.step = functools.partial(type(scheduler).step, scheduler, generator=generators)
+    try:
+        yield
+    finally:
+        del scheduler.step
 
 
 def load_pipeline(args, transformer, device=None, dtype=None):
@@ -109,16 +152,19 @@ def with_denoiser(pipe, transformer):
 
 
 @torch.no_grad()
-def generate(pipe, prompts, seeds, args, return_latents=False, latents=None):
+def generate(pipe, prompts, seeds, args, return_latents=False, initial_noise=None):
     """uint8 videos (B, F, H, W, 3), one seed each; with `return_latents`, the normalised latents
     (B, 16, (F - 1) / 4 + 1, H / 8, W / 8) the transformer works in, which the VAE decodes.
-    `latents`: the initial noise, where the pipeline should not draw it itself."""
+    `initial_noise(generators)`: the initial noise from the clips' generators, where the pipeline
+    should not draw it itself; stochastic steps then go on drawing from the same generators."""
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-    latents = pipe(prompt=list(prompts), negative_prompt=[args.negative_prompt] * len(prompts),
-                   num_frames=args.num_frames, height=args.height, width=args.width,
-                   num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                   generator=generators, latents=latents, output_type="latent",
-                   max_sequence_length=args.max_sequence_length).frames
+    latents = initial_noise(generators) if initial_noise is not None else None
+    with seeded_steps(pipe.scheduler, generators):
+        latents = pipe(prompt=list(prompts), negative_prompt=[args.negative_prompt] * len(prompts),
+                       num_frames=args.num_frames, height=args.height, width=args.width,
+                       num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                       generator=generators, latents=latents, output_type="latent",
+                       max_sequence_length=args.max_sequence_length).frames
     vae = pipe.vae
     mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(vae.device)
     std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(vae.device)

@@ -1,6 +1,6 @@
 """The exact-reward world's DiT teacher (world.py, configs/world_wan.yaml): Wan's classes, as
 backends/wan.py loads and calls them (WanTransformer3DModel over 1x1x1 patches, a frozen UMT5
-encoder over the grammar's words, WanPipeline with a flow-matching UniPC sampler), over the world's
+encoder over the grammar's words, WanPipeline and a flow-matching sampler), over the world's
 lossless pixel VAE shaped as Wan's (48 channels of 4x4 latents a frame, no temporal compression).
 Its teacher is committed in weights/world_wan (train_world_teacher.py --model dit).
 """
@@ -22,6 +22,7 @@ predict, enable_checkpointing = wan.predict, wan.enable_checkpointing
 
 
 def required_models(args):
+    wan.check_scheduler(args)
     return [dict(where="model.pretrained_model_name_or_path", name=args.pretrained_model_name_or_path,
                  files=[f for f in wan.FOLDERS if not f.startswith("vae/")],
                  what="the world's DiT teacher (train_world_teacher.py --model dit)", tiny=True)]
@@ -40,17 +41,17 @@ def load_pipeline(args, transformer, device=None, dtype=None):
     return pipe.to(device) if device is not None else pipe
 
 
-def initial_noise(seeds, num_frames, height, width):
-    """One clip's noise a seed, (B, 48, F, H/4, W/4): drawn here, as WanPipeline would round 8 frames
-    to the 4k + 1 its own VAE takes."""
+def initial_noise(generators, num_frames, height, width):
+    """One clip's noise a generator, (B, 48, F, H/4, W/4): drawn here, as WanPipeline would round 8
+    frames to the 4k + 1 its own VAE takes."""
     shape = (1, 3 * world.FACTOR ** 2, num_frames, height // world.FACTOR, width // world.FACTOR)
-    return torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+    return torch.cat([torch.randn(shape, generator=g) for g in generators])
 
 
 def generate(pipe, prompts, seeds, args, return_latents=False):
     with models.quiet("diffusers.pipelines.wan.pipeline_wan"):  # its frame-count warning: the noise is given
         return wan.generate(pipe, prompts, seeds, args, return_latents,
-                            latents=initial_noise(seeds, args.num_frames, args.height, args.width))
+                            initial_noise=lambda g: initial_noise(g, args.num_frames, args.height, args.width))
 
 
 def denoise_inputs(transformer, batch_size, num_frames, height, width, device=None, dtype=None):

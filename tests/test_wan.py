@@ -172,3 +172,35 @@ def test_vip_loop_runs_one_stage_on_a_tiny_wan(tmp_path, tiny_reward):
     assert [m["label"] for m in report["models"]] == ["teacher (M0)", "stage_1/prune", "stage_1/train"]
     assert report["models"][1]["unet_parameters"] < report["models"][0]["unet_parameters"]
     assert "| Block params | Transformer params |" in (run / "eval" / "eval.md").read_text()
+
+
+def test_stochastic_sampling_draws_each_clips_noise_from_its_own_seed(tiny_wan):
+    """model.scheduler + stochastic_sampling: every Euler step re-noises the predicted clip with noise
+    from the clip's own generator, after its initial noise, so a clip does not depend on the clips
+    beside it; checked against the rule written out over the transformer."""
+    for bad, words in (({"scheduler": "Turbo"}, "model.scheduler"), ({"stochastic_sampling": True}, "model.scheduler"),
+                       ({"scheduler": "UniPCMultistepScheduler", "stochastic_sampling": True}, "no stochastic sampling")):
+        with pytest.raises(common.ConfigError, match=words):
+            wan.required_models(argparse.Namespace(**{**vars(tiny_wan), **bad}))
+    args = argparse.Namespace(**{**vars(tiny_wan), "scheduler": "FlowMatchEulerDiscreteScheduler",
+                                 "stochastic_sampling": True, "flow_shift": 2.0, "num_inference_steps": 4})
+    transformer = wan.load_denoiser(args).eval()
+    pipe = wan.load_pipeline(args, transformer)
+    assert pipe.scheduler.config.stochastic_sampling and pipe.scheduler.config.shift == 2.0
+    prompts = ["a red car drives along a coastal road", "a cat!"]
+    _, both = wan.generate(pipe, prompts, [3, 4], args, return_latents=True)
+    _, alone = wan.generate(pipe, prompts[1:], [4], args, return_latents=True)
+    _, other = wan.generate(pipe, prompts[1:], [5], args, return_latents=True)
+    assert torch.allclose(both[1:], alone, atol=1e-5) and not torch.allclose(alone, other, atol=1e-2)
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 16, 3, 4, 4, generator=generator)  # the pipeline's own initial draw
+    text = wan.encode_prompts(pipe.text_encoder, pipe.tokenizer, prompts[1:] + [""], "cpu")
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=2.0)
+    scheduler.set_timesteps(4)
+    sigmas = scheduler.sigmas
+    with torch.no_grad():
+        for i, t in enumerate(scheduler.timesteps):
+            cond, uncond = wan.predict(transformer, x.repeat(2, 1, 1, 1, 1), t.expand(2), text).chunk(2)
+            x0 = x - sigmas[i] * (uncond + args.guidance_scale * (cond - uncond))
+            x = (1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * torch.randn(x.shape, generator=generator)
+    assert torch.allclose(alone, x, atol=1e-4)
