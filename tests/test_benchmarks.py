@@ -11,7 +11,9 @@ import torch
 
 import models
 from backends import animatediff
-from benchmarks import cpu_loop, generation, run_cost, time_stage, train_step, vc2_precision, wan_candidates, wan_step
+import world
+from benchmarks import (cpu_loop, generation, run_cost, time_stage, train_step, vc2_precision, wan_candidates,
+                        wan_step, world_motion)
 
 bench = train_step.bench
 
@@ -161,6 +163,20 @@ def test_wan_candidates_grades_blocks_and_sublayers(tmp_path):
     units = {r["unit"]: r for r in result["rows"]}
     assert set(units) == {"block", "sublayer"} and len(result["singles"]["sublayer"]) == 18
     assert all(0 < r["output_change"] and r["params_removed"] >= 0.2 for r in units.values())
+
+
+def test_world_motion_measures_the_asked_motion_and_what_the_unet_teacher_reads(tmp_path):
+    for prompt, seed in (("a red square moves left quickly", 3), ("a blue circle moves down slowly", 4)):
+        speed = world.SPEEDS[world.parse_prompt(prompt)[3]]
+        assert abs(world_motion.motion(world.render(prompt, seed), prompt) - speed) < 0.05
+    config = str(world_motion.ROOT / "configs" / "world.yaml")
+    result = world_motion.main(world_motion.parse_args(["--config", config, "--videos_per_prompt", "1",
+                                                        "--first_step_seeds", "4", "--output_dir", str(tmp_path)]))
+    assert (tmp_path / "sd.json").exists() and set(result["by_speed"]) == {"slowly", "quickly"}
+    rendered = result["first_step_centres"]["a red square moves left quickly"]["rendered"]
+    assert rendered == sorted(rendered, reverse=True) and rendered[0] - rendered[-1] > 5
+    for t in (500, 950):  # the committed UNet teacher reads the speed word, and the direction word hardly
+        assert result["word_influence"][t]["speed"] > 5 * result["word_influence"][t]["direction"]
 
 
 def test_run_cost_counts_fewer_teacher_calls_when_the_teacher_is_made_once(capsys):
