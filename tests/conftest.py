@@ -59,17 +59,24 @@ FAST = {  # the tiny config, cut down so a whole stage takes seconds
 @pytest.fixture(scope="session")
 def fast_config(tiny_dir, tiny_reward, tmp_path_factory):
     """configs/tiny.yaml pointed at the session's tiny models, with FAST's overrides: a path."""
+    return loop_config("tiny", tmp_path_factory.mktemp("config") / "fast config.yaml", fast_except=(),
+                       model={"pretrained_model_name_or_path": str(tiny_dir / "sd"),
+                              "motion_adapter": str(tiny_dir / "motion_adapter")},
+                       reward={"reward_model": tiny_reward})
+
+
+def loop_config(name, path, fast_except=None, **sections):
+    """configs/<name>.yaml with FAST's overrides but the keys in `fast_except` (none if it is None),
+    then `sections`' (section -> values), its prompt files as absolute paths, written to `path`."""
     import yaml
 
-    config = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
-    for section, values in FAST.items():
+    config = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
+    for section, values in FAST.items() if fast_except is not None else ():
+        config[section].update({k: v for k, v in values.items() if k not in fast_except})
+    for section, values in sections.items():
         config[section].update(values)
-    config["model"]["pretrained_model_name_or_path"] = str(tiny_dir / "sd")
-    config["model"]["motion_adapter"] = str(tiny_dir / "motion_adapter")
-    config["reward"]["reward_model"] = tiny_reward
     for section, key in (("prune", "prune_prompts"), ("curate", "curation_prompts"), ("eval", "eval_prompts")):
         config[section][key] = str(ROOT / config[section][key])
-    path = tmp_path_factory.mktemp("config") / "fast config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return str(path)
 

@@ -165,21 +165,16 @@ def test_a_checkpoint_with_pickled_objects_is_refused_not_run(tmp_path):
 
 
 def test_vip_loop_runs_one_stage_on_a_tiny_vc2(tmp_path, tiny_reward):
-    import yaml
-    from conftest import FAST, run_script
+    from conftest import loop_config, run_script
     from safetensors.torch import load_file
 
-    config = yaml.safe_load((ROOT / "configs" / "tiny_videocrafter2.yaml").read_text())
-    for section, values in FAST.items():
-        config[section].update({k: v for k, v in values.items() if k != "build_tiny"})
-    config["model"].update(pretrained_model_name_or_path=str(tmp_path / "models" / "vc2"), height=32, width=32)
-    config["reward"]["reward_model"] = tiny_reward
-    config["train"]["gradient_checkpointing"] = True  # diffusers' UNet3D has none of its own: ours covers it
-    for section, key in (("prune", "prune_prompts"), ("curate", "curation_prompts"), ("eval", "eval_prompts")):
-        config[section][key] = str(ROOT / config[section][key])
-    (tmp_path / "vc2.yaml").write_text(yaml.safe_dump(config))
+    # diffusers' UNet3D has no gradient checkpointing of its own: ours covers it
+    config = loop_config("tiny_videocrafter2", tmp_path / "vc2.yaml", fast_except=("build_tiny",),
+                         model={"pretrained_model_name_or_path": str(tmp_path / "models" / "vc2"),
+                                "height": 32, "width": 32},
+                         reward={"reward_model": tiny_reward}, train={"gradient_checkpointing": True})
     run = tmp_path / "run"
-    run_script("bash", "vip_loop.sh", "tiny_videocrafter2", "1", env={"CONFIG": str(tmp_path / "vc2.yaml"), "RUN_DIR": str(run)},
+    run_script("bash", "vip_loop.sh", "tiny_videocrafter2", "1", env={"CONFIG": config, "RUN_DIR": str(run)},
                timeout=900)
 
     assert (tmp_path / "models" / "vc2.ckpt").exists()  # the tiny model went through the official layout

@@ -15,7 +15,7 @@ import common
 import models
 import stage
 from backends import wan, wan_sublayers
-from conftest import FAST, ROOT, run_script
+from conftest import ROOT, loop_config, run_script
 
 
 def test_full_size_counts_on_meta_device():
@@ -145,20 +145,13 @@ def test_the_tiny_wan_generates_what_diffusers_own_pipeline_does(tiny_wan):
 
 
 def test_vip_loop_runs_one_stage_on_a_tiny_wan(tmp_path, tiny_reward):
-    import yaml
 
-    config = yaml.safe_load((ROOT / "configs" / "tiny_wan.yaml").read_text())
-    for section, values in FAST.items():
-        config[section].update({k: v for k, v in values.items() if k not in ("build_tiny", "num_frames", "height",
-                                                                               "width")})
-    config["model"]["pretrained_model_name_or_path"] = str(tmp_path / "models" / "wan")
-    config["reward"].update(reward_model=tiny_reward, reward_num_frames=9)
-    config["train"]["gradient_checkpointing"] = True
-    for section, key in (("prune", "prune_prompts"), ("curate", "curation_prompts"), ("eval", "eval_prompts")):
-        config[section][key] = str(ROOT / config[section][key])
-    (tmp_path / "wan.yaml").write_text(yaml.safe_dump(config))
+    config = loop_config("tiny_wan", tmp_path / "wan.yaml", fast_except=("build_tiny", "num_frames", "height", "width"),
+                         model={"pretrained_model_name_or_path": str(tmp_path / "models" / "wan")},
+                         reward={"reward_model": tiny_reward, "reward_num_frames": 9},
+                         train={"gradient_checkpointing": True})
     run = tmp_path / "run"
-    run_script("bash", "vip_loop.sh", "tiny_wan", "1", env={"CONFIG": str(tmp_path / "wan.yaml"), "RUN_DIR": str(run)},
+    run_script("bash", "vip_loop.sh", "tiny_wan", "1", env={"CONFIG": config, "RUN_DIR": str(run)},
                timeout=900)
     pruned = json.loads((run / "stage_1" / "prune" / "student" / "student.json").read_text())
     assert pruned["backend"] == "wan" and pruned["removed_blocks"] == json.loads(

@@ -17,7 +17,7 @@ import prune
 import stage
 import train_world_teacher
 import world
-from conftest import ROOT, run_script
+from conftest import ROOT, loop_config, run_script
 
 
 def centre(frame):
@@ -229,16 +229,14 @@ def test_committed_teacher_is_small_and_its_motion_modules_matter():
 
 
 def test_a_short_loop_on_the_world(tmp_path):
-    config = yaml.safe_load((ROOT / "configs/world.yaml").read_text())
-    config["model"].update(num_inference_steps=4, pretrained_model_name_or_path=str(ROOT / "weights/world/sd"),
-                           motion_adapter=str(ROOT / "weights/world/motion_adapter"))
-    config["prune"].update(num_prune_prompts=2, num_blocks=1, prune_params=None)
-    config["curate"].update(max_prompts=16, seeds_per_prompt=1, tau_p=1.0)
-    config["train"].update(max_train_steps=2, train_batch_size=2)
-    config["eval"].update(num_eval_prompts=2, videos_per_prompt=1, latency_runs=1)
-    path = tmp_path / "world.yaml"
-    path.write_text(yaml.safe_dump(config))
-    run_script("bash", "vip_loop.sh", "world", "1", env={"CONFIG": str(path), "RUN_DIR": str(tmp_path / "run")})
+    path = loop_config("world", tmp_path / "world.yaml",
+                       model={"num_inference_steps": 4, "pretrained_model_name_or_path": str(ROOT / "weights/world/sd"),
+                              "motion_adapter": str(ROOT / "weights/world/motion_adapter")},
+                       prune={"num_prune_prompts": 2, "num_blocks": 1, "prune_params": None},
+                       curate={"max_prompts": 16, "seeds_per_prompt": 1, "tau_p": 1.0},
+                       train={"max_train_steps": 2, "train_batch_size": 2},
+                       eval={"num_eval_prompts": 2, "videos_per_prompt": 1, "latency_runs": 1})
+    run_script("bash", "vip_loop.sh", "world", "1", env={"CONFIG": path, "RUN_DIR": str(tmp_path / "run")})
     report = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())
     assert [m["label"] for m in report["models"]] == ["teacher (M0)", "stage_1/prune", "stage_1/train"]
     assert set(report["models"][0]["scores"]) == set(world.ASPECTS) | {f"{a}/features" for a in features.ASPECTS}
@@ -255,17 +253,13 @@ def test_a_short_loop_on_the_world_dit(tmp_path):
     train_world_teacher.main(train_world_teacher.parse_args(["--model", "dit", "--output_dir", str(teacher),
                                                              "--max_train_steps", "3", "--train_batch_size", "2",
                                                              "--dim", "32", "--num_layers", "3"]))
-    config = yaml.safe_load((ROOT / "configs/world_wan.yaml").read_text())
-    config["model"].update(num_inference_steps=4, pretrained_model_name_or_path=str(teacher))
-    config["prune"].update(num_prune_prompts=2, num_blocks=1)
-    config["curate"].update(max_prompts=16, tau_p=-1.0, pair_score="mean")  # a 3-step teacher: any pair
-    config["train"].update(max_train_steps=2, train_batch_size=2)
-    config["eval"].update(num_eval_prompts=2, videos_per_prompt=1, latency_runs=1)
-    for section, key in (("prune", "prune_prompts"), ("curate", "curation_prompts"), ("eval", "eval_prompts")):
-        config[section][key] = str(ROOT / config[section][key])
-    path = tmp_path / "world_wan.yaml"
-    path.write_text(yaml.safe_dump(config))
-    run_script("bash", "vip_loop.sh", "world_wan", "1", env={"CONFIG": str(path), "RUN_DIR": str(tmp_path / "run")})
+    path = loop_config("world_wan", tmp_path / "world_wan.yaml",
+                       model={"num_inference_steps": 4, "pretrained_model_name_or_path": str(teacher)},
+                       prune={"num_prune_prompts": 2, "num_blocks": 1},
+                       curate={"max_prompts": 16, "tau_p": -1.0, "pair_score": "mean"},  # a 3-step teacher: any pair
+                       train={"max_train_steps": 2, "train_batch_size": 2},
+                       eval={"num_eval_prompts": 2, "videos_per_prompt": 1, "latency_runs": 1})
+    run_script("bash", "vip_loop.sh", "world_wan", "1", env={"CONFIG": path, "RUN_DIR": str(tmp_path / "run")})
     report = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())
     assert [m["label"] for m in report["models"]] == ["teacher (M0)", "stage_1/prune", "stage_1/train"]
     student = json.loads((tmp_path / "run" / "stage_1" / "train" / "student" / "student.json").read_text())
