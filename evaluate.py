@@ -215,12 +215,8 @@ def main(args):
         for k in dict.fromkeys(c["model"] for c in chunk):
             group = [c for c in chunk if c["model"] == k]
             prompts_, seeds = [c["prompt"] for c in group], [c["seed"] for c in group]
-            if k == "teacher":  # M0's videos: made once a run
-                frames, _, scores = teacher_cache.videos(kept, backend, pipes[k], reward, prompts_, seeds, args, cost)
-            else:
-                frames = backend.generate(pipes[k], prompts_, seeds, args)
-                scores = reward.score(list(frames), prompts_)
-                cost.generated("student", len(group)), cost.scored(len(group))
+            frames, scores = teacher_cache.frames_and_scores(kept if k == "teacher" else None, backend, pipes[k], reward,
+                                                             prompts_, seeds, args, cost)  # M0's: made once a run
             if second is not None:
                 scores = [{**s, **{f"{a}/features": v for a, v in t.items()}} for s, t in
                           zip(scores, second.score(list(frames), [c["prompt"] for c in group]))]

@@ -135,14 +135,10 @@ def main(args):
                 group = [c for c in chunk if c["variant"] == v]
                 names = [v] if v in block_names else chosen if v == "pruned" else []
                 prompts_, seeds = [c["prompt"] for c in group], [c["seed"] for c in group]
-                if v == "teacher" or (v == "student" and args.student is None):  # M0 itself: made once a run
-                    scores = teacher_cache.videos(kept, backend, pipes.get(v, pipe), reward, prompts_, seeds, scan_args,
-                                                  cost)[2]
-                else:
-                    with models.blocks_removed(backend, unet, names):
-                        frames = backend.generate(pipes.get(v, pipe), prompts_, seeds, scan_args)
-                    scores = reward.score(list(frames), prompts_)
-                    cost.generated("student", len(group)), cost.scored(len(group))
+                m0 = v == "teacher" or (v == "student" and args.student is None)  # M0 itself: made once a run
+                with models.blocks_removed(backend, unet, [] if m0 else names):
+                    scores = teacher_cache.frames_and_scores(kept if m0 else None, backend, pipes.get(v, pipe), reward,
+                                                             prompts_, seeds, scan_args, cost)[1]
                 for c, s in zip(group, scores):
                     results[c["id"]] = {"variant": v, "prompt": c["prompt"], "seed": c["seed"], "scores": s}
             return [results[c["id"]] for c in chunk]

@@ -71,3 +71,15 @@ def videos(cache, backend, pipe, reward, prompts, seeds, args, ledger):
             found[i] = (frames[k], latents[k], scores[k])
             cache.save(prompts[i], seeds[i], frames[k], latents[k], scores[k])
     return [f[0] for f in found], [f[1] for f in found], [f[2] for f in found]
+
+
+def frames_and_scores(cache, backend, pipe, reward, prompts, seeds, args, ledger):
+    """Frames and reward scores of each (prompt, seed): M0's through `cache` (made once a run), or,
+    where `cache` is None, a student's, generated and scored here."""
+    if cache is not None:
+        frames, _, scores = videos(cache, backend, pipe, reward, prompts, seeds, args, ledger)
+        return frames, scores
+    frames = backend.generate(pipe, prompts, seeds, args)
+    scores = reward.score(list(frames), prompts)
+    ledger.generated("student", len(prompts)), ledger.scored(len(prompts))
+    return frames, scores
