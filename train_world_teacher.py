@@ -54,6 +54,7 @@ def parse_args(argv=None):
                    help="weight each clip's loss by its SNR clamped to [1, snr_gamma]; 0: uniform")
     p.add_argument("--dim", type=int, default=128, help="dit: the transformer's width")
     p.add_argument("--attention_head_dim", type=int, default=32, help="dit: width of each attention head")
+    p.add_argument("--temporal_patch_size", type=int, default=1, help="dit: frames a token holds (Wan's VAE: 4 a latent)")
     p.add_argument("--num_layers", type=int, default=8, help="dit: transformer blocks")
     p.add_argument("--flow_shift", type=float, default=1.0, help="dit: shift of the training sigmas")
     p.add_argument("--timestep_sampling", default="logit_normal", choices=["logit_normal", "uniform"],
@@ -105,7 +106,7 @@ def build_world_models(base_dir, adapter_dir, seed=0, channels=(96, 64), predict
     return UNetMotionModel.from_unet2d(unet2d, adapter), text_encoder, tokenizer
 
 
-def build_world_dit(folder, seed=0, dim=128, num_layers=8, head_dim=32, save=True):
+def build_world_dit(folder, seed=0, dim=128, num_layers=8, head_dim=32, patch_t=1, save=True):
     """An untrained DiT teacher in Wan's classes, saved (unless `save` is false) in `folder` as
     transformer/, text_encoder/, tokenizer/ and scheduler/: 1x1x1 patches, so each token is one 4x4
     latent pixel (its 48 values, a 4x4-pixel patch) of one frame, 128 tokens a clip."""
@@ -116,7 +117,7 @@ def build_world_dit(folder, seed=0, dim=128, num_layers=8, head_dim=32, save=Tru
         relative_attention_num_buckets=8, relative_attention_max_distance=16, feed_forward_proj="gated-gelu",
         pad_token_id=0, eos_token_id=3, is_encoder_decoder=False, dropout_rate=0.0))
     transformer = WanTransformer3DModel(
-        patch_size=(1, 1, 1), num_attention_heads=dim // head_dim, attention_head_dim=head_dim,
+        patch_size=(patch_t, 1, 1), num_attention_heads=dim // head_dim, attention_head_dim=head_dim,
         in_channels=3 * FACTOR ** 2, out_channels=3 * FACTOR ** 2, text_dim=64, freq_dim=64, ffn_dim=4 * dim, num_layers=num_layers,
         cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=32)
     # Sampling as Wan samples: UniPC over flow sigmas (the config's flow_shift replaces this one).
@@ -176,7 +177,8 @@ def main(args):
     fresh = not os.path.exists(state_path)
     if args.model == "dit":
         model, text_encoder, tokenizer = build_world_dit(args.output_dir, args.seed, args.dim, args.num_layers,
-                                                            args.attention_head_dim, save=fresh)
+                                                            args.attention_head_dim, args.temporal_patch_size,
+                                                            save=fresh)
         tokenizer.model_max_length = 8  # six words and the two marks, as configs/world_wan.yaml encodes them
         objective = common.FlowMatching(shift=args.flow_shift, sampling=args.timestep_sampling)
     else:

@@ -164,7 +164,8 @@ def test_teacher_training_script_runs_and_resumes(tmp_path, capsys):
 
 def test_dit_teacher_training_runs_resumes_and_loads_through_its_backend(tmp_path, capsys):
     out = tmp_path / "dit"
-    flags = ["--model", "dit", "--output_dir", str(out), "--train_batch_size", "2", "--dim", "32", "--num_layers", "2"]
+    flags = ["--model", "dit", "--output_dir", str(out), "--train_batch_size", "2", "--dim", "32", "--num_layers", "2",
+             "--temporal_patch_size", "2"]  # a token two frames
     train_world_teacher.main(train_world_teacher.parse_args(flags + ["--max_train_steps", "2", "--checkpointing_steps", "2"]))
     assert torch.load(out / "train_state.pt", weights_only=True)["step"] == 2
     train_world_teacher.main(train_world_teacher.parse_args(flags + ["--max_train_steps", "3", "--checkpointing_steps", "3"]))
@@ -178,6 +179,7 @@ def test_dit_teacher_training_runs_resumes_and_loads_through_its_backend(tmp_pat
     saved = transformer.state_dict()
     assert all(torch.equal(saved[k], v) for k, v in state["ema"].items())  # the teacher is the average
     assert [b["name"] for b in models.list_blocks(backend, transformer)] == ["blocks.0", "blocks.1"]
+    assert transformer.config.patch_size == [2, 1, 1]
     frames, latents = backend.generate(backend.load_pipeline(args, transformer), ["a red square moves left slowly"] * 2,
                                        [0, 0], args, return_latents=True)
     assert frames.shape == (2, 8, 16, 16, 3) and latents.shape == (2, 48, 8, 4, 4) and np.array_equal(frames[0], frames[1])
