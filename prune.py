@@ -136,7 +136,7 @@ def main(args):
                 names = [v] if v in block_names else chosen if v == "pruned" else []
                 prompts_, seeds = [c["prompt"] for c in group], [c["seed"] for c in group]
                 m0 = v == "teacher" or (v == "student" and args.student is None)  # M0 itself: made once a run
-                with models.blocks_removed(backend, unet, [] if m0 else names):
+                with models.blocks_removed(backend, unet, names):  # none for M0
                     scores = teacher_cache.frames_and_scores(kept if m0 else None, backend, pipes.get(v, pipe), reward,
                                                              prompts_, seeds, scan_args, cost)[1]
                 for c, s in zip(group, scores):

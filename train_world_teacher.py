@@ -108,8 +108,9 @@ def build_world_models(base_dir, adapter_dir, seed=0, channels=(96, 64), predict
 
 def build_world_dit(folder, seed=0, dim=128, num_layers=8, head_dim=32, patch_t=1, save=True):
     """An untrained DiT teacher in Wan's classes, saved (unless `save` is false) in `folder` as
-    transformer/, text_encoder/, tokenizer/ and scheduler/: 1x1x1 patches, so each token is one 4x4
-    latent pixel (its 48 values, a 4x4-pixel patch) of one frame, 128 tokens a clip."""
+    transformer/, text_encoder/, tokenizer/ and scheduler/: patches of patch_t x 1 x 1, so each token
+    is one 4x4 latent pixel (its 48 values, a 4x4-pixel patch) of patch_t frames, 128 / patch_t
+    tokens a clip."""
     torch.manual_seed(seed)
     tokenizer = word_tokenizer()
     text_encoder = UMT5EncoderModel(UMT5Config(
@@ -118,8 +119,8 @@ def build_world_dit(folder, seed=0, dim=128, num_layers=8, head_dim=32, patch_t=
         pad_token_id=0, eos_token_id=3, is_encoder_decoder=False, dropout_rate=0.0))
     transformer = WanTransformer3DModel(
         patch_size=(patch_t, 1, 1), num_attention_heads=dim // head_dim, attention_head_dim=head_dim,
-        in_channels=3 * FACTOR ** 2, out_channels=3 * FACTOR ** 2, text_dim=64, freq_dim=64, ffn_dim=4 * dim, num_layers=num_layers,
-        cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=32)
+        in_channels=3 * FACTOR ** 2, out_channels=3 * FACTOR ** 2, text_dim=64, freq_dim=64, ffn_dim=4 * dim,
+        num_layers=num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=32)
     # Sampling as Wan samples: UniPC over flow sigmas (the config's flow_shift replaces this one).
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=1.0,
                                         num_train_timesteps=1000)

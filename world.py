@@ -163,6 +163,13 @@ def _rate(x):
     return float(1 + 3 * np.clip(x, 0, 1))
 
 
+def fitted_velocity(stats):
+    """(vx, vy) in pixels per frame: the line fitted to the object's centres over the frames it is in
+    (`frame_stats` of each frame, None where nothing is drawn; at least two drawn)."""
+    t = np.array([i for i, s in enumerate(stats) if s is not None], dtype=np.float64)
+    return np.polyfit(t, np.stack([s["centre"] for s in stats if s is not None]), 1)[0]
+
+
 def score_clip(frames, prompt):
     """VideoScore's four aspects of one clip (F, H, W, 3) for a world prompt, each in [1, 4]."""
     colour, shape, direction, speed = parse_prompt(prompt)
@@ -188,8 +195,7 @@ def score_clip(frames, prompt):
     temporal = present * np.exp(-drift / 2)
 
     # Dynamic degree: the fitted speed against the asked one.
-    t = np.array([i for i, s in enumerate(stats) if s is not None], dtype=np.float64)
-    velocity = np.polyfit(t, centres, 1)[0]  # (vx, vy) in pixels per frame
+    velocity = fitted_velocity(stats)
     asked = SPEEDS[speed]
     dynamic = np.exp(-(((np.linalg.norm(velocity) - asked) / (0.35 * asked)) ** 2))
 

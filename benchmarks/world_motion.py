@@ -12,8 +12,8 @@ place it? For any world config (configs/world.yaml: the UNet; configs/world_wan.
   first starts the left-moving object on the right; one that cannot tell the frames apart draws
   it in the same place in every frame, and the direction is left to the noise.
 
-    python benchmarks/world_motion.py --config configs/world_wan.yaml     # writes runs/bench/world_motion/
-    python benchmarks/world_motion.py --config configs/world.yaml --pretrained_model_name_or_path weights/world
+    python benchmarks/world_motion.py --config configs/world.yaml      # writes runs/bench/world_motion/
+    python benchmarks/world_motion.py --config configs/world_wan.yaml --pretrained_model_name_or_path runs/dit_teacher
 """
 
 import argparse
@@ -45,13 +45,12 @@ def parse_args(argv=None):
 
 
 def motion(frames, prompt):
-    """(speed along the asked direction, pixels a frame) of a clip, from its object's fitted path."""
+    """Speed along the asked direction (pixels a frame) of a clip, from the path the reward fits."""
     direction = world.DIRECTIONS[world.parse_prompt(prompt)[2]]
-    stats = [s for s in map(world.frame_stats, frames) if s is not None]
-    if len(stats) < 2:
+    stats = [world.frame_stats(f) for f in frames]
+    if sum(s is not None for s in stats) < 2:
         return 0.0
-    velocity = np.polyfit(np.arange(len(stats)), np.stack([s["centre"] for s in stats]), 1)[0]
-    return float(velocity @ np.array(direction))
+    return float(world.fitted_velocity(stats) @ np.array(direction))
 
 
 def mean_centres(clips):

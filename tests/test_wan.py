@@ -145,7 +145,6 @@ def test_the_tiny_wan_generates_what_diffusers_own_pipeline_does(tiny_wan):
 
 
 def test_vip_loop_runs_one_stage_on_a_tiny_wan(tmp_path, tiny_reward):
-
     config = loop_config("tiny_wan", tmp_path / "wan.yaml", fast_except=("build_tiny", "num_frames", "height", "width"),
                          model={"pretrained_model_name_or_path": str(tmp_path / "models" / "wan")},
                          reward={"reward_model": tiny_reward, "reward_num_frames": 9},
