@@ -14,6 +14,7 @@ train_state.pt, which a rerun of the same command resumes from. What made each w
 """
 
 import argparse
+import copy
 import math
 import os
 import shutil
@@ -56,6 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--attention_head_dim", type=int, default=32, help="dit: width of each attention head")
     p.add_argument("--temporal_patch_size", type=int, default=1, help="dit: frames a token holds (Wan's VAE: 4 a latent)")
     p.add_argument("--num_layers", type=int, default=8, help="dit: transformer blocks")
+    p.add_argument("--save_dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="dit: the saved transformer's dtype (it loads as the config's); train_state.pt stays float32")
     p.add_argument("--flow_shift", type=float, default=1.0, help="dit: shift of the training sigmas")
     p.add_argument("--timestep_sampling", default="logit_normal", choices=["logit_normal", "uniform"],
                    help="dit: how training sigmas are drawn, before the shift")
@@ -134,7 +137,9 @@ def build_world_dit(folder, seed=0, dim=128, num_layers=8, head_dim=32, patch_t=
 def teacher_folders(args):
     """The folders a checkpoint rewrites, each with how the trained model is saved into it."""
     if args.model == "dit":
-        return {os.path.join(args.output_dir, "transformer"): lambda model, text_encoder, path: model.save_pretrained(path),
+        dtype = getattr(torch, args.save_dtype)
+        return {os.path.join(args.output_dir, "transformer"): lambda model, text_encoder, path:
+                (copy.deepcopy(model).to(dtype) if dtype != torch.float32 else model).save_pretrained(path),
                 os.path.join(args.output_dir, "text_encoder"): lambda model, text_encoder, path:
                 text_encoder.save_pretrained(path)}
     base = os.path.join(args.output_dir, "sd")
@@ -208,6 +213,11 @@ def main(args):
         ema = [state["ema"][n] for n in names] if "ema" in state else ema
         first = state["step"]
         print(f"resumed from {state_path} at step {first}")
+    if first >= args.max_train_steps:  # done: the teacher is saved again, as this run asks (--save_dtype)
+        with torch.no_grad():
+            torch._foreach_copy_(params, ema)
+        save_teacher(folders, model, text_encoder)
+        return
     rng = np.random.default_rng([args.seed, first])
     torch.manual_seed(args.seed * 100003 + first)
     model.train()

@@ -185,6 +185,13 @@ def test_dit_teacher_training_runs_resumes_and_loads_through_its_backend(tmp_pat
     assert frames.shape == (2, 8, 16, 16, 3) and latents.shape == (2, 48, 8, 4, 4) and np.array_equal(frames[0], frames[1])
     decoded = (latents / world.SCALE).clamp(0, 1)  # the pixel VAE is lossless: the frames are the latents, rounded
     assert (world.frames_to_latents(frames) - decoded).abs().max() <= 0.5 / 255 + 1e-6
+    # a rerun with its steps done trains nothing and saves the teacher again, here in half precision
+    train_world_teacher.main(train_world_teacher.parse_args(flags + ["--max_train_steps", "3", "--save_dtype", "float16"]))
+    assert torch.load(out / "train_state.pt", weights_only=True)["step"] == 3
+    half = models.load_model(backend, args)  # loads as the config's dtype
+    assert all(p.dtype == torch.float32 for p in half.parameters())
+    assert all(torch.equal(half.state_dict()[k], v.half().float()) for k, v in state["ema"].items())
+    assert any(not torch.equal(half.state_dict()[k], v) for k, v in state["ema"].items())
 
 
 def test_snr_weight_lifts_low_noise_steps_and_keeps_the_zero_snr_step():
