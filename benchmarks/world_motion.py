@@ -2,7 +2,8 @@
 place it? For any world config (configs/world.yaml: the UNet; configs/world_wan.yaml: the DiT):
 
 - its clips on the held-out prompts: the four aspects, the share that moves the asked way (faster
-  than 0.15 pixels a frame along the direction), and the median speed along it, by speed word;
+  than 0.15 pixels a frame along the direction), and the median speed along it, by speed word; the
+  mean step along it from each frame to the next (where tokens of several frames meet, a jump);
 - how much its prediction on a noisy rendered clip of "a red square moves left slowly" moves (RMS,
   in its own parameterisation) when one word is swapped for another of its kind, at timesteps 500
   and 950 of 1000: the words it reads;
@@ -53,6 +54,16 @@ def motion(frames, prompt):
     return float(world.fitted_velocity(stats) @ np.array(direction))
 
 
+def steps_along(frames, prompt):
+    """The object's step along the asked direction from each frame to the next (pixels), or None
+    where a frame has no object."""
+    stats = [world.frame_stats(f) for f in frames]
+    if any(s is None for s in stats):
+        return None
+    centres = np.stack([s["centre"] for s in stats])
+    return np.diff(centres, axis=0) @ np.array(world.DIRECTIONS[world.parse_prompt(prompt)[2]])
+
+
 def mean_centres(clips):
     """The light-weighted horizontal centre of each frame of the mean clip (B, F, H, W, 3)."""
     light = np.asarray(clips, dtype=np.float64).max(-1).mean(0)  # (F, H, W)
@@ -101,6 +112,8 @@ def main(args):
         result["by_speed"][word] = {"asked": world.SPEEDS[word],
                                     "moves_the_asked_way": round(float((along[mine] > 0.15).mean()), 2),
                                     "median_speed_along": round(float(np.median(along[mine])), 2)}
+    steps = [s for s in (steps_along(f, p) for f, p in zip(clips, prompts)) if s is not None]
+    result["mean_step_by_frame"] = [round(float(v), 2) for v in np.mean(steps, 0)]  # a token boundary shows as a jump
     result["word_influence"] = word_influence(backend, config, pipe, denoiser)
     one_step = argparse.Namespace(**{**vars(config), "num_inference_steps": 1})
     seeds = list(range(10_000, 10_000 + args.first_step_seeds))
@@ -122,6 +135,7 @@ def print_result(name, result):
     for word, r in result["by_speed"].items():
         print(f"  {word} (asked {r['asked']}): {r['moves_the_asked_way']:.0%} move the asked way, "
               f"median speed along it {r['median_speed_along']}")
+    print(f"  mean step along the asked direction, frame k to k+1: {result['mean_step_by_frame']}")
     for t, r in result["word_influence"].items():
         print(f"  timestep {t}: RMS change of the prediction when a word is swapped: "
               + ", ".join(f"{k} {v}" for k, v in r.items()))

@@ -6,6 +6,7 @@ import math
 import os
 from contextlib import nullcontext
 
+import numpy as np
 import pytest
 import torch
 
@@ -169,12 +170,14 @@ def test_world_motion_measures_the_asked_motion_and_what_the_unet_teacher_reads(
     for prompt, seed in (("a red square moves left quickly", 3), ("a blue circle moves down slowly", 4)):
         speed = world.SPEEDS[world.parse_prompt(prompt)[3]]
         assert abs(world_motion.motion(world.render(prompt, seed), prompt) - speed) < 0.05
+        assert np.allclose(world_motion.steps_along(world.render(prompt, seed), prompt), speed, atol=0.1)
     config = str(world_motion.ROOT / "configs" / "world.yaml")
     result = world_motion.main(world_motion.parse_args(["--config", config, "--videos_per_prompt", "1",
                                                         "--first_step_seeds", "4", "--output_dir", str(tmp_path)]))
     assert (tmp_path / "sd.json").exists() and set(result["by_speed"]) == {"slowly", "quickly"}
     rendered = result["first_step_centres"]["a red square moves left quickly"]["rendered"]
     assert rendered == sorted(rendered, reverse=True) and rendered[0] - rendered[-1] > 5
+    assert len(result["mean_step_by_frame"]) == 7 and all(abs(v) < 2 for v in result["mean_step_by_frame"])
     for t in (500, 950):  # the committed UNet teacher reads the speed word, and the direction word hardly
         assert result["word_influence"][t]["speed"] > 5 * result["word_influence"][t]["direction"]
 
