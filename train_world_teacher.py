@@ -174,6 +174,15 @@ def save_teacher(folders, model, text_encoder):
         shutil.rmtree(old)
 
 
+@torch.no_grad()
+def save_average(folders, model, text_encoder, params, ema):
+    """Save the teacher with the averaged weights `ema` in place of `params`, then put them back."""
+    trained = [p.detach().clone() for p in params]
+    torch._foreach_copy_(params, ema)
+    save_teacher(folders, model, text_encoder)
+    torch._foreach_copy_(params, trained)
+
+
 def main(args):
     """Train the teacher on rendered clips of the training prompts (never the held-out ones)."""
     state_path = os.path.join(args.output_dir, "train_state.pt")
@@ -214,9 +223,7 @@ def main(args):
         first = state["step"]
         print(f"resumed from {state_path} at step {first}")
     if first >= args.max_train_steps:  # done: the teacher is saved again, as this run asks (--save_dtype)
-        with torch.no_grad():
-            torch._foreach_copy_(params, ema)
-        save_teacher(folders, model, text_encoder)
+        save_average(folders, model, text_encoder, params, ema)
         return
     rng = np.random.default_rng([args.seed, first])
     torch.manual_seed(args.seed * 100003 + first)
@@ -252,11 +259,7 @@ def main(args):
         if (step + 1) % args.checkpointing_steps == 0 or step + 1 == args.max_train_steps:
             # The teacher first, the state last: a kill in between resumes from the previous state,
             # which trains up to here again and saves the teacher again.
-            with torch.no_grad():
-                trained = [p.detach().clone() for p in params]
-                torch._foreach_copy_(params, ema)
-                save_teacher(folders, model, text_encoder)
-                torch._foreach_copy_(params, trained)
+            save_average(folders, model, text_encoder, params, ema)
             tmp = state_path + ".tmp"
             torch.save({"unet": model.state_dict(), "text_encoder": text_encoder.state_dict(), "step": step + 1,
                         "ema": dict(zip(names, ema)), "optimizer": optimizer.state_dict(),

@@ -46,22 +46,14 @@ def parse_args(argv=None):
 
 
 def motion(frames, prompt):
-    """Speed along the asked direction (pixels a frame) of a clip, from the path the reward fits."""
-    direction = world.DIRECTIONS[world.parse_prompt(prompt)[2]]
+    """A clip's speed along the asked direction (pixels a frame), from the path the reward fits, and
+    its step along it from each frame to the next (None where a frame has no object)."""
+    direction = np.array(world.DIRECTIONS[world.parse_prompt(prompt)[2]])
     stats = [world.frame_stats(f) for f in frames]
-    if sum(s is not None for s in stats) < 2:
-        return 0.0
-    return float(world.fitted_velocity(stats) @ np.array(direction))
-
-
-def steps_along(frames, prompt):
-    """The object's step along the asked direction from each frame to the next (pixels), or None
-    where a frame has no object."""
-    stats = [world.frame_stats(f) for f in frames]
-    if any(s is None for s in stats):
-        return None
-    centres = np.stack([s["centre"] for s in stats])
-    return np.diff(centres, axis=0) @ np.array(world.DIRECTIONS[world.parse_prompt(prompt)[2]])
+    drawn = sum(s is not None for s in stats)
+    speed = float(world.fitted_velocity(stats) @ direction) if drawn >= 2 else 0.0
+    steps = np.diff(np.stack([s["centre"] for s in stats]), axis=0) @ direction if drawn == len(stats) else None
+    return speed, steps
 
 
 def mean_centres(clips):
@@ -104,7 +96,8 @@ def main(args):
     prompts = [p for p in held for _ in range(args.videos_per_prompt)]
     clips = backend.generate(pipe, prompts, list(range(len(prompts))), config)
     scores = [world.score_clip(f, p) for f, p in zip(clips, prompts)]
-    along = np.array([motion(f, p) for f, p in zip(clips, prompts)])
+    along, steps = zip(*(motion(f, p) for f, p in zip(clips, prompts)))
+    along = np.array(along)
     result = {"command": args.command, "teacher": config.pretrained_model_name_or_path,
               "aspects": {a: round(float(np.mean([s[a] for s in scores])), 3) for a in world.ASPECTS}, "by_speed": {}}
     for word in world.SPEEDS:
@@ -112,7 +105,7 @@ def main(args):
         result["by_speed"][word] = {"asked": world.SPEEDS[word],
                                     "moves_the_asked_way": round(float((along[mine] > 0.15).mean()), 2),
                                     "median_speed_along": round(float(np.median(along[mine])), 2)}
-    steps = [s for s in (steps_along(f, p) for f, p in zip(clips, prompts)) if s is not None]
+    steps = [s for s in steps if s is not None]
     result["mean_step_by_frame"] = [round(float(v), 2) for v in np.mean(steps, 0)]  # a token boundary shows as a jump
     result["word_influence"] = word_influence(backend, config, pipe, denoiser)
     one_step = argparse.Namespace(**{**vars(config), "num_inference_steps": 1})
