@@ -7,7 +7,7 @@ over world.py's lossless pixel VAE and a frozen random text encoder over the gra
   (configs/world_wan.yaml); writes <output_dir>/{transformer,text_encoder,tokenizer,scheduler}.
 
     python train_world_teacher.py --output_dir weights/world --max_train_steps 6000
-    python train_world_teacher.py --model dit --output_dir weights/world_wan --max_train_steps 12000
+    python train_world_teacher.py --model dit --output_dir weights/world_wan --max_train_steps 5000
 
 The saved teacher is the EMA of the trained weights, saved every --checkpointing_steps beside
 train_state.pt, which a rerun of the same command resumes from. What made each work: docs/world.md.
@@ -37,7 +37,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="unet", choices=["unet", "dit"], help="unet (configs/world.yaml) | dit (world_wan)")
     p.add_argument("--output_dir", default=None, help="default: weights/world (unet), weights/world_wan (dit)")
-    p.add_argument("--max_train_steps", type=int, default=6000)
+    p.add_argument("--max_train_steps", type=int, default=None, help="default: 6000 (unet), 5000 (dit)")
     p.add_argument("--train_batch_size", type=int, default=16, help="clips per step")
     p.add_argument("--learning_rate", type=float, default=None, help="default: 1e-3 (unet), 3e-4 (dit)")
     p.add_argument("--lr_warmup_steps", type=int, default=200)
@@ -53,11 +53,17 @@ def parse_args(argv=None):
                    help="the saved teacher is this exponential moving average of the trained weights")
     p.add_argument("--snr_gamma", type=float, default=5.0,
                    help="weight each clip's loss by its SNR clamped to [1, snr_gamma]; 0: uniform")
-    p.add_argument("--dim", type=int, default=128, help="dit: the transformer's width")
-    p.add_argument("--attention_head_dim", type=int, default=32, help="dit: width of each attention head")
-    p.add_argument("--temporal_patch_size", type=int, default=1, help="dit: frames a token holds (Wan's VAE: 4 a latent)")
-    p.add_argument("--num_layers", type=int, default=8, help="dit: transformer blocks")
-    p.add_argument("--save_dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+    # The DiT's defaults: a token holds the whole clip (8 frames) of a 2x2-pixel latent, 96 values in a
+    # width of 256. Tokens of fewer frames drew each token's motion alike, and 4x4-pixel latents (384
+    # values a token) left a haze: docs/world.md.
+    p.add_argument("--dim", type=int, default=256, help="dit: the transformer's width")
+    p.add_argument("--attention_head_dim", type=int, default=64, help="dit: width of each attention head")
+    p.add_argument("--temporal_patch_size", type=int, default=FRAMES, help="dit: frames a token holds (Wan's VAE: 4 a latent)")
+    p.add_argument("--num_layers", type=int, default=4, help="dit: transformer blocks")
+    p.add_argument("--ffn_dim", type=int, default=None, help="dit: feed-forward width (default: 4 x --dim)")
+    p.add_argument("--vae_scale_factor", type=int, default=2, choices=[2, 4],
+                   help="dit: pixels a side of a latent (its 3 x this^2 values; the UNet's is 4)")
+    p.add_argument("--save_dtype", default="float16", choices=["float32", "float16", "bfloat16"],
                    help="dit: the saved transformer's dtype (it loads as the config's); train_state.pt stays float32")
     p.add_argument("--flow_shift", type=float, default=1.0, help="dit: shift of the training sigmas")
     p.add_argument("--timestep_sampling", default="logit_normal", choices=["logit_normal", "uniform"],
@@ -66,6 +72,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.output_dir = args.output_dir or {"unet": "weights/world", "dit": "weights/world_wan"}[args.model]
     args.learning_rate = args.learning_rate or {"unet": 1e-3, "dit": 3e-4}[args.model]
+    if args.max_train_steps is None:
+        args.max_train_steps = {"unet": 6000, "dit": 5000}[args.model]
     for key in ("max_train_steps", "train_batch_size", "checkpointing_steps", "lr_warmup_steps"):
         if getattr(args, key) < 1:
             raise common.ConfigError(f"--{key}: expected a number at least 1; got {getattr(args, key)}")
@@ -109,11 +117,11 @@ def build_world_models(base_dir, adapter_dir, seed=0, channels=(96, 64), predict
     return UNetMotionModel.from_unet2d(unet2d, adapter), text_encoder, tokenizer
 
 
-def build_world_dit(folder, seed=0, dim=128, num_layers=8, head_dim=32, patch_t=1, save=True):
+def build_world_dit(folder, seed=0, dim=128, num_layers=8, head_dim=32, patch_t=1, ffn_dim=None, factor=FACTOR,
+                    save=True):
     """An untrained DiT teacher in Wan's classes, saved (unless `save` is false) in `folder` as
-    transformer/, text_encoder/, tokenizer/ and scheduler/: patches of patch_t x 1 x 1, so each token
-    is one 4x4 latent pixel (its 48 values, a 4x4-pixel patch) of patch_t frames, 128 / patch_t
-    tokens a clip."""
+    transformer/, text_encoder/, tokenizer/ and scheduler/: patches of patch_t x 1 x 1 over latents
+    of `factor` x `factor` pixels, so each token holds 3 x factor^2 x patch_t values."""
     torch.manual_seed(seed)
     tokenizer = word_tokenizer()
     text_encoder = UMT5EncoderModel(UMT5Config(
@@ -122,7 +130,7 @@ def build_world_dit(folder, seed=0, dim=128, num_layers=8, head_dim=32, patch_t=
         pad_token_id=0, eos_token_id=3, is_encoder_decoder=False, dropout_rate=0.0))
     transformer = WanTransformer3DModel(
         patch_size=(patch_t, 1, 1), num_attention_heads=dim // head_dim, attention_head_dim=head_dim,
-        in_channels=3 * FACTOR ** 2, out_channels=3 * FACTOR ** 2, text_dim=64, freq_dim=64, ffn_dim=4 * dim,
+        in_channels=3 * factor ** 2, out_channels=3 * factor ** 2, text_dim=64, freq_dim=64, ffn_dim=ffn_dim or 4 * dim,
         num_layers=num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=32)
     # Sampling as Wan samples: UniPC over flow sigmas (the config's flow_shift replaces this one).
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=1.0,
@@ -193,15 +201,17 @@ def main(args):
     if args.model == "dit":
         model, text_encoder, tokenizer = build_world_dit(args.output_dir, args.seed, args.dim, args.num_layers,
                                                             args.attention_head_dim, args.temporal_patch_size,
-                                                            save=fresh)
+                                                            args.ffn_dim, args.vae_scale_factor, save=fresh)
         tokenizer.model_max_length = 8  # six words and the two marks, as configs/world_wan.yaml encodes them
         objective = common.FlowMatching(shift=args.flow_shift, sampling=args.timestep_sampling)
+        factor = args.vae_scale_factor
     else:
         base, adapter = os.path.join(args.output_dir, "sd"), os.path.join(args.output_dir, "motion_adapter")
         model, text_encoder, tokenizer = build_world_models(base, adapter, seed=args.seed,
                                                             channels=tuple(args.block_out_channels),
                                                             prediction_type=args.prediction_type, save=fresh)
         objective = common.DDPMObjective(DDPMScheduler.from_pretrained(base, subfolder="scheduler"))
+        factor = FACTOR
     train_prompts, _ = split_prompts()
     # The text encoder stays as built (random, frozen), as AnimateDiff's CLIP is frozen: trained
     # jointly, it collapsed the four direction words onto one embedding before the UNet learnt to
@@ -232,7 +242,7 @@ def main(args):
     start, smooth = time.time(), None
     for step in bar:
         prompts = [train_prompts[i] for i in rng.integers(len(train_prompts), size=args.train_batch_size)]
-        latents = frames_to_latents([render(p, int(rng.integers(2 ** 31))) for p in prompts]) * SCALE
+        latents = frames_to_latents([render(p, int(rng.integers(2 ** 31))) for p in prompts], factor) * SCALE
         texts = ["" if rng.random() < args.uncond_prob else p for p in prompts]
         noise = torch.randn_like(latents)
         t = objective.sample_timesteps(len(prompts), None)

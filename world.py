@@ -256,33 +256,35 @@ class PixelVAE(AutoencoderKL):
 
 class WanPixelVAE(ModelMixin, ConfigMixin):
     """The same space-to-depth "VAE" shaped as WanPipeline reads a VAE (the DiT world, backends/
-    world_wan.py): z_dim channels, latents normalised as (z - latents_mean) / latents_std (here z *
-    SCALE), 4x spatial and no temporal compression. No weights: one buffer gives it a device and dtype."""
+    world_wan.py): 3 x factor^2 channels (z_dim), latents normalised as (z - latents_mean) /
+    latents_std (here z * SCALE), `scale_factor_spatial` x spatial and no temporal compression.
+    No weights: one buffer gives it a device and dtype."""
 
     @register_to_config
-    def __init__(self, z_dim=3 * FACTOR ** 2, scale_factor_spatial=FACTOR, scale_factor_temporal=1,
-                 latents_mean=(0.0,) * (3 * FACTOR ** 2), latents_std=(1 / SCALE,) * (3 * FACTOR ** 2)):
+    def __init__(self, scale_factor_spatial=FACTOR, scale_factor_temporal=1):
         super().__init__()
+        channels = 3 * scale_factor_spatial ** 2
+        self.register_to_config(z_dim=channels, latents_mean=(0.0,) * channels, latents_std=(1 / SCALE,) * channels)
         self.register_buffer("unit", torch.ones(1), persistent=False)
 
     def encode(self, x, return_dict=True):
-        """Videos (B, 3, F, H, W) in [-1, 1] -> z (B, 48, F, H/4, W/4) in [0, 1], un-normalised."""
+        """Videos (B, 3, F, H, W) in [-1, 1] -> z (B, z_dim, F, H/factor, W/factor) in [0, 1], un-normalised."""
         b, _, f = x.shape[:3]
-        z = F.pixel_unshuffle(((x + 1) / 2).permute(0, 2, 1, 3, 4).flatten(0, 1), FACTOR)
+        z = F.pixel_unshuffle(((x + 1) / 2).permute(0, 2, 1, 3, 4).flatten(0, 1), self.config.scale_factor_spatial)
         return z.reshape(b, f, *z.shape[1:]).permute(0, 2, 1, 3, 4)
 
     def decode(self, z, return_dict=True):
         b, _, f = z.shape[:3]
-        x = F.pixel_shuffle(z.permute(0, 2, 1, 3, 4).flatten(0, 1), FACTOR) * 2 - 1
+        x = F.pixel_shuffle(z.permute(0, 2, 1, 3, 4).flatten(0, 1), self.config.scale_factor_spatial) * 2 - 1
         x = x.reshape(b, f, *x.shape[1:]).permute(0, 2, 1, 3, 4)
         return DecoderOutput(sample=x) if return_dict else (x,)
 
 
-def frames_to_latents(frames):
-    """uint8 clips (B, F, H, W, 3) -> latents (B, 48, F, H/4, W/4) in [0, 1], as PixelVAE encodes."""
+def frames_to_latents(frames, factor=FACTOR):
+    """uint8 clips (B, F, H, W, 3) -> latents (B, 3 factor^2, F, H/factor, W/factor) in [0, 1], as the pixel VAEs encode."""
     x = torch.as_tensor(np.asarray(frames)).float().div(255)
     b, f = x.shape[:2]
-    z = F.pixel_unshuffle(x.permute(0, 1, 4, 2, 3).reshape(b * f, 3, SIZE, SIZE), FACTOR)
+    z = F.pixel_unshuffle(x.permute(0, 1, 4, 2, 3).reshape(b * f, 3, SIZE, SIZE), factor)
     return z.reshape(b, f, *z.shape[1:]).permute(0, 2, 1, 3, 4).contiguous()
 
 

@@ -1,9 +1,12 @@
 """The exact-reward world's DiT teacher (world.py, configs/world_wan.yaml): Wan's classes, as
-backends/wan.py loads and calls them (WanTransformer3DModel over 1x1x1 patches, a frozen UMT5
-encoder over the grammar's words, WanPipeline and a flow-matching sampler), over the world's
-lossless pixel VAE shaped as Wan's (48 channels of 4x4 latents a frame, no temporal compression).
+backends/wan.py loads and calls them (a WanTransformer3DModel, a frozen UMT5 encoder over the
+grammar's words, WanPipeline and a flow-matching sampler), over the world's lossless pixel VAE
+shaped as Wan's (world.WanPixelVAE, no temporal compression; its factor read from the
+transformer's input channels: 12 for the committed teacher's 2x2-pixel latents, 48 for 4x4).
 Its teacher is committed in weights/world_wan (train_world_teacher.py --model dit).
 """
+
+import math
 
 import torch
 
@@ -35,27 +38,34 @@ def build_tiny(args):
 
 def load_pipeline(args, transformer, device=None, dtype=None):
     text_encoder, tokenizer = load_text_encoder(args, dtype=dtype)
-    pipe = wan.WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=world.WanPixelVAE(),
-                           transformer=transformer, scheduler=wan.sampling_scheduler(args))
+    vae = world.WanPixelVAE(vae_scale_factor(transformer))
+    pipe = wan.WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                           scheduler=wan.sampling_scheduler(args))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device) if device is not None else pipe
 
 
-def initial_noise(generators, num_frames, height, width):
-    """One clip's noise a generator, (B, 48, F, H/4, W/4): drawn here, as WanPipeline would round 8
-    frames to the 4k + 1 its own VAE takes."""
-    shape = (1, 3 * world.FACTOR ** 2, num_frames, height // world.FACTOR, width // world.FACTOR)
+def vae_scale_factor(transformer):
+    """The pixels a side of the teacher's latents: a latent holds 3 x factor^2 values (world.WanPixelVAE)."""
+    return math.isqrt(transformer.config.in_channels // 3)
+
+
+def initial_noise(generators, channels, num_frames, height, width, factor):
+    """One clip's noise a generator, (B, channels, F, H/factor, W/factor): drawn here, as WanPipeline
+    would round 8 frames to the 4k + 1 its own VAE takes."""
+    shape = (1, channels, num_frames, height // factor, width // factor)
     return torch.cat([torch.randn(shape, generator=g) for g in generators])
 
 
 def generate(pipe, prompts, seeds, args, return_latents=False):
     with models.quiet("diffusers.pipelines.wan.pipeline_wan"):  # its frame-count warning: the noise is given
         return wan.generate(pipe, prompts, seeds, args, return_latents,
-                            initial_noise=lambda g: initial_noise(g, args.num_frames, args.height, args.width))
+                            initial_noise=lambda g: initial_noise(g, pipe.vae.config.z_dim, args.num_frames, args.height,
+                                                                  args.width, pipe.vae.config.scale_factor_spatial))
 
 
 def denoise_inputs(transformer, batch_size, num_frames, height, width, device=None, dtype=None):
-    h, w = height // world.FACTOR, width // world.FACTOR
+    h, w = height // vae_scale_factor(transformer), width // vae_scale_factor(transformer)
     sample = torch.randn(batch_size, transformer.config.in_channels, num_frames, h, w, device=device, dtype=dtype)
     text = torch.randn(batch_size, 8, transformer.config.text_dim, device=device, dtype=dtype)
     return sample, torch.full((batch_size,), 500.0, device=device), text

@@ -130,6 +130,14 @@ def test_pixel_vae_is_lossless(tmp_path):
     assert np.array_equal(back.numpy(), clips)
     x = torch.from_numpy(clips[0]).permute(0, 3, 1, 2).float() / 127.5 - 1
     assert torch.allclose(vae.encode(x).latent_dist.mode(), frames[:8], atol=1e-6)
+    videos = torch.from_numpy(clips).permute(0, 4, 1, 2, 3).float() / 127.5 - 1  # (B, 3, F, H, W), as WanPipeline's
+    for factor in (2, 4):  # the DiT's, Wan-shaped: 3 x factor^2 channels of (16 / factor)^2 latents a frame
+        wan_vae = world.WanPixelVAE(factor)
+        latents = world.frames_to_latents(clips, factor)
+        assert latents.shape == (2, 3 * factor ** 2, 8, 16 // factor, 16 // factor)
+        assert wan_vae.config.z_dim == 3 * factor ** 2 and len(wan_vae.config.latents_std) == 3 * factor ** 2
+        assert torch.allclose(wan_vae.encode(videos), latents, atol=1e-6)
+        assert torch.allclose(wan_vae.decode(latents).sample, videos, atol=1e-6)
 
 
 def test_teacher_training_script_runs_and_resumes(tmp_path, capsys):
@@ -165,10 +173,12 @@ def test_teacher_training_script_runs_and_resumes(tmp_path, capsys):
 def test_dit_teacher_training_runs_resumes_and_loads_through_its_backend(tmp_path, capsys):
     out = tmp_path / "dit"
     flags = ["--model", "dit", "--output_dir", str(out), "--train_batch_size", "2", "--dim", "32", "--num_layers", "2",
-             "--temporal_patch_size", "2"]  # a token two frames
-    train_world_teacher.main(train_world_teacher.parse_args(flags + ["--max_train_steps", "2", "--checkpointing_steps", "2"]))
+             "--attention_head_dim", "16"]  # otherwise the committed teacher's layout: 8 frames of 2x2 pixels a token
+    train_world_teacher.main(train_world_teacher.parse_args(flags + ["--max_train_steps", "2", "--checkpointing_steps", "2",
+                                                                     "--save_dtype", "float32"]))
     assert torch.load(out / "train_state.pt", weights_only=True)["step"] == 2
-    train_world_teacher.main(train_world_teacher.parse_args(flags + ["--max_train_steps", "3", "--checkpointing_steps", "3"]))
+    train_world_teacher.main(train_world_teacher.parse_args(flags + ["--max_train_steps", "3", "--checkpointing_steps", "3",
+                                                                     "--save_dtype", "float32"]))
     state = torch.load(out / "train_state.pt", weights_only=True)
     assert "resumed from" in capsys.readouterr().out
     assert state["step"] == 3 and {s["step"].item() for s in state["optimizer"]["state"].values()} == {3.0}
@@ -179,12 +189,12 @@ def test_dit_teacher_training_runs_resumes_and_loads_through_its_backend(tmp_pat
     saved = transformer.state_dict()
     assert all(torch.equal(saved[k], v) for k, v in state["ema"].items())  # the teacher is the average
     assert [b["name"] for b in models.list_blocks(backend, transformer)] == ["blocks.0", "blocks.1"]
-    assert transformer.config.patch_size == [2, 1, 1]
+    assert transformer.config.patch_size == [8, 1, 1] and transformer.config.in_channels == 12
     frames, latents = backend.generate(backend.load_pipeline(args, transformer), ["a red square moves left slowly"] * 2,
                                        [0, 0], args, return_latents=True)
-    assert frames.shape == (2, 8, 16, 16, 3) and latents.shape == (2, 48, 8, 4, 4) and np.array_equal(frames[0], frames[1])
+    assert frames.shape == (2, 8, 16, 16, 3) and latents.shape == (2, 12, 8, 8, 8) and np.array_equal(frames[0], frames[1])
     decoded = (latents / world.SCALE).clamp(0, 1)  # the pixel VAE is lossless: the frames are the latents, rounded
-    assert (world.frames_to_latents(frames) - decoded).abs().max() <= 0.5 / 255 + 1e-6
+    assert (world.frames_to_latents(frames, 2) - decoded).abs().max() <= 0.5 / 255 + 1e-6
     # a rerun with its steps done trains nothing and saves the teacher again, here in half precision
     train_world_teacher.main(train_world_teacher.parse_args(flags + ["--max_train_steps", "3", "--save_dtype", "float16"]))
     assert torch.load(out / "train_state.pt", weights_only=True)["step"] == 3
@@ -261,7 +271,8 @@ def test_a_short_loop_on_the_world_dit(tmp_path):
     teacher = tmp_path / "teacher"
     train_world_teacher.main(train_world_teacher.parse_args(["--model", "dit", "--output_dir", str(teacher),
                                                              "--max_train_steps", "3", "--train_batch_size", "2",
-                                                             "--dim", "32", "--num_layers", "3"]))
+                                                             "--dim", "32", "--attention_head_dim", "16",
+                                                             "--num_layers", "3"]))
     path = loop_config("world_wan", tmp_path / "world_wan.yaml",
                        model={"num_inference_steps": 4, "pretrained_model_name_or_path": str(teacher)},
                        prune={"num_prune_prompts": 2, "num_blocks": 1},
