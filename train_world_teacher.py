@@ -7,7 +7,7 @@ over world.py's lossless pixel VAE and a frozen random text encoder over the gra
   (configs/world_wan.yaml); writes <output_dir>/{transformer,text_encoder,tokenizer,scheduler}.
 
     python train_world_teacher.py --output_dir weights/world --max_train_steps 6000
-    python train_world_teacher.py --model dit --output_dir weights/world_wan --max_train_steps 5000
+    python train_world_teacher.py --model dit --output_dir weights/world_wan --max_train_steps 12000
 
 The saved teacher is the EMA of the trained weights, saved every --checkpointing_steps beside
 train_state.pt, which a rerun of the same command resumes from. What made each work: docs/world.md.
@@ -37,7 +37,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="unet", choices=["unet", "dit"], help="unet (configs/world.yaml) | dit (world_wan)")
     p.add_argument("--output_dir", default=None, help="default: weights/world (unet), weights/world_wan (dit)")
-    p.add_argument("--max_train_steps", type=int, default=None, help="default: 6000 (unet), 5000 (dit)")
+    p.add_argument("--max_train_steps", type=int, default=6000)
     p.add_argument("--train_batch_size", type=int, default=16, help="clips per step")
     p.add_argument("--learning_rate", type=float, default=None, help="default: 1e-3 (unet), 3e-4 (dit)")
     p.add_argument("--lr_warmup_steps", type=int, default=200)
@@ -53,17 +53,15 @@ def parse_args(argv=None):
                    help="the saved teacher is this exponential moving average of the trained weights")
     p.add_argument("--snr_gamma", type=float, default=5.0,
                    help="weight each clip's loss by its SNR clamped to [1, snr_gamma]; 0: uniform")
-    # The DiT's defaults: a token holds the whole clip (8 frames) of a 2x2-pixel latent, 96 values in a
-    # width of 256. Tokens of fewer frames drew each token's motion alike, and 4x4-pixel latents (384
-    # values a token) left a haze: docs/world.md.
-    p.add_argument("--dim", type=int, default=256, help="dit: the transformer's width")
-    p.add_argument("--attention_head_dim", type=int, default=64, help="dit: width of each attention head")
-    p.add_argument("--temporal_patch_size", type=int, default=FRAMES, help="dit: frames a token holds (Wan's VAE: 4 a latent)")
-    p.add_argument("--num_layers", type=int, default=4, help="dit: transformer blocks")
+    # What each DiT layout did (frames and pixels a token against the width): docs/world.md.
+    p.add_argument("--dim", type=int, default=128, help="dit: the transformer's width")
+    p.add_argument("--attention_head_dim", type=int, default=32, help="dit: width of each attention head")
+    p.add_argument("--temporal_patch_size", type=int, default=1, help="dit: frames a token holds (Wan's VAE: 4 a latent)")
+    p.add_argument("--num_layers", type=int, default=8, help="dit: transformer blocks")
     p.add_argument("--ffn_dim", type=int, default=None, help="dit: feed-forward width (default: 4 x --dim)")
-    p.add_argument("--vae_scale_factor", type=int, default=2, choices=[2, 4],
+    p.add_argument("--vae_scale_factor", type=int, default=FACTOR, choices=[2, 4],
                    help="dit: pixels a side of a latent (its 3 x this^2 values; the UNet's is 4)")
-    p.add_argument("--save_dtype", default="float16", choices=["float32", "float16", "bfloat16"],
+    p.add_argument("--save_dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="dit: the saved transformer's dtype (it loads as the config's); train_state.pt stays float32")
     p.add_argument("--flow_shift", type=float, default=1.0, help="dit: shift of the training sigmas")
     p.add_argument("--timestep_sampling", default="logit_normal", choices=["logit_normal", "uniform"],
@@ -72,8 +70,6 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.output_dir = args.output_dir or {"unet": "weights/world", "dit": "weights/world_wan"}[args.model]
     args.learning_rate = args.learning_rate or {"unet": 1e-3, "dit": 3e-4}[args.model]
-    if args.max_train_steps is None:
-        args.max_train_steps = {"unet": 6000, "dit": 5000}[args.model]
     for key in ("max_train_steps", "train_batch_size", "checkpointing_steps", "lr_warmup_steps"):
         if getattr(args, key) < 1:
             raise common.ConfigError(f"--{key}: expected a number at least 1; got {getattr(args, key)}")

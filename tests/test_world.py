@@ -173,12 +173,11 @@ def test_teacher_training_script_runs_and_resumes(tmp_path, capsys):
 def test_dit_teacher_training_runs_resumes_and_loads_through_its_backend(tmp_path, capsys):
     out = tmp_path / "dit"
     flags = ["--model", "dit", "--output_dir", str(out), "--train_batch_size", "2", "--dim", "32", "--num_layers", "2",
-             "--attention_head_dim", "16"]  # otherwise the committed teacher's layout: 8 frames of 2x2 pixels a token
-    train_world_teacher.main(train_world_teacher.parse_args(flags + ["--max_train_steps", "2", "--checkpointing_steps", "2",
-                                                                     "--save_dtype", "float32"]))
+             "--attention_head_dim", "16", "--temporal_patch_size", "8",
+             "--vae_scale_factor", "2"]  # a token the whole clip of a 2x2-pixel latent
+    train_world_teacher.main(train_world_teacher.parse_args(flags + ["--max_train_steps", "2", "--checkpointing_steps", "2"]))
     assert torch.load(out / "train_state.pt", weights_only=True)["step"] == 2
-    train_world_teacher.main(train_world_teacher.parse_args(flags + ["--max_train_steps", "3", "--checkpointing_steps", "3",
-                                                                     "--save_dtype", "float32"]))
+    train_world_teacher.main(train_world_teacher.parse_args(flags + ["--max_train_steps", "3", "--checkpointing_steps", "3"]))
     state = torch.load(out / "train_state.pt", weights_only=True)
     assert "resumed from" in capsys.readouterr().out
     assert state["step"] == 3 and {s["step"].item() for s in state["optimizer"]["state"].values()} == {3.0}
@@ -271,8 +270,7 @@ def test_a_short_loop_on_the_world_dit(tmp_path):
     teacher = tmp_path / "teacher"
     train_world_teacher.main(train_world_teacher.parse_args(["--model", "dit", "--output_dir", str(teacher),
                                                              "--max_train_steps", "3", "--train_batch_size", "2",
-                                                             "--dim", "32", "--attention_head_dim", "16",
-                                                             "--num_layers", "3"]))
+                                                             "--dim", "32", "--num_layers", "3"]))
     path = loop_config("world_wan", tmp_path / "world_wan.yaml",
                        model={"num_inference_steps": 4, "pretrained_model_name_or_path": str(teacher)},
                        prune={"num_prune_prompts": 2, "num_blocks": 1},
