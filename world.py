@@ -203,8 +203,11 @@ def score_clip(frames, prompt):
     colour_match = max(0.0, float(colours.mean(0) @ np.array(COLOURS[colour])) / np.linalg.norm(colours.mean(0)))
     fill = np.median([s["fill"] for s in seen])
     skew = np.median([s["skew"] for s in seen])
-    likeness = {k: np.exp(-((fill - f) / 0.1) ** 2 - ((skew - k3) / 0.45) ** 2) for k, (f, k3) in SHAPE_FEATURES.items()}
-    shape_match = likeness[shape] / sum(likeness.values())
+    # The prompt's shape's share of the likeness, from log-likeness: a shape far from every prototype
+    # would make each likeness 0 in floating point, and the share 0 / 0.
+    log_likeness = {k: -((fill - f) / 0.1) ** 2 - ((skew - k3) / 0.45) ** 2 for k, (f, k3) in SHAPE_FEATURES.items()}
+    top = max(log_likeness.values())
+    shape_match = np.exp(log_likeness[shape] - top) / sum(np.exp(v - top) for v in log_likeness.values())
     moved = np.linalg.norm(velocity)
     direction_match = 1.0 if moved < 0.15 else max(0.0, float(velocity @ np.array(DIRECTIONS[direction])) / moved)
     text = (colour_match + shape_match + direction_match) / 3

@@ -118,6 +118,17 @@ def test_each_corruption_lowers_its_aspect_and_not_the_others():
             assert others <= 0.1, (target, i, mean)
 
 
+def test_a_shape_like_no_prototype_scores_as_its_nearest_not_nan():
+    """A column of light whose third moment (64) is far from every shape's: every likeness underflows."""
+    frames = np.zeros((8, 16, 16, 3), np.uint8)
+    frames[:, :, 3, 0] = np.linspace(255, 130, 16).astype(np.uint8)
+    frames[:, 0:2, 2:5, 0] = 255
+    scores = {shape: world.score_clip(frames, f"a red {shape} moves left slowly") for shape in world.SHAPES}
+    assert all(np.isfinite(list(s.values())).all() for s in scores.values()), scores
+    alignment = sorted(s["text_alignment"] for s in scores.values())
+    assert alignment[-1] - alignment[0] == pytest.approx(1.0)  # one shape takes the whole share of likeness
+
+
 def test_pixel_vae_is_lossless(tmp_path):
     vae = world.PixelVAE(block_out_channels=(2, 2, 2), layers_per_block=1, norm_num_groups=2, latent_channels=48,
                          down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3)
