@@ -2,7 +2,7 @@
 backends/wan.py loads and calls them (a WanTransformer3DModel, a frozen UMT5 encoder over the
 grammar's words, WanPipeline and a flow-matching sampler), over the world's lossless pixel VAE
 shaped as Wan's (world.WanPixelVAE, no temporal compression; its factor read from the
-transformer's input channels: 12 for the committed teacher's 2x2-pixel latents, 48 for 4x4).
+transformer's input channels: 12 for 2x2-pixel latents, 48 for 4x4, the default).
 Its teacher is committed in weights/world_wan (train_world_teacher.py --model dit).
 """
 
@@ -38,7 +38,7 @@ def build_tiny(args):
 
 def load_pipeline(args, transformer, device=None, dtype=None):
     text_encoder, tokenizer = load_text_encoder(args, dtype=dtype)
-    vae = world.WanPixelVAE(vae_scale_factor(transformer))
+    vae = world.WanPixelVAE(scale_factor_spatial=vae_scale_factor(transformer))
     pipe = wan.WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
                            scheduler=wan.sampling_scheduler(args))
     pipe.set_progress_bar_config(disable=True)
@@ -47,7 +47,11 @@ def load_pipeline(args, transformer, device=None, dtype=None):
 
 def vae_scale_factor(transformer):
     """The pixels a side of the teacher's latents: a latent holds 3 x factor^2 values (world.WanPixelVAE)."""
-    return math.isqrt(transformer.config.in_channels // 3)
+    factor = math.isqrt(transformer.config.in_channels // 3)
+    if 3 * factor ** 2 != transformer.config.in_channels:
+        raise ConfigError(f"model.pretrained_model_name_or_path: the transformer takes {transformer.config.in_channels} "
+                          "input channels; the world's pixel latents have 3 x factor^2 (12 or 48)")
+    return factor
 
 
 def initial_noise(generators, channels, num_frames, height, width, factor):

@@ -118,7 +118,7 @@ def test_each_corruption_lowers_its_aspect_and_not_the_others():
             assert others <= 0.1, (target, i, mean)
 
 
-def test_a_shape_like_no_prototype_scores_as_its_nearest_not_nan():
+def test_a_shape_like_no_prototype_scores_finite_not_nan():
     """A column of light whose third moment (64) is far from every shape's: every likeness underflows."""
     frames = np.zeros((8, 16, 16, 3), np.uint8)
     frames[:, :, 3, 0] = np.linspace(255, 130, 16).astype(np.uint8)
@@ -143,7 +143,7 @@ def test_pixel_vae_is_lossless(tmp_path):
     assert torch.allclose(vae.encode(x).latent_dist.mode(), frames[:8], atol=1e-6)
     videos = torch.from_numpy(clips).permute(0, 4, 1, 2, 3).float() / 127.5 - 1  # (B, 3, F, H, W), as WanPipeline's
     for factor in (2, 4):  # the DiT's, Wan-shaped: 3 x factor^2 channels of (16 / factor)^2 latents a frame
-        wan_vae = world.WanPixelVAE(factor)
+        wan_vae = world.WanPixelVAE(scale_factor_spatial=factor)
         latents = world.frames_to_latents(clips, factor)
         assert latents.shape == (2, 3 * factor ** 2, 8, 16 // factor, 16 // factor)
         assert wan_vae.config.z_dim == 3 * factor ** 2 and len(wan_vae.config.latents_std) == 3 * factor ** 2
@@ -184,8 +184,7 @@ def test_teacher_training_script_runs_and_resumes(tmp_path, capsys):
 def test_dit_teacher_training_runs_resumes_and_loads_through_its_backend(tmp_path, capsys):
     out = tmp_path / "dit"
     flags = ["--model", "dit", "--output_dir", str(out), "--train_batch_size", "2", "--dim", "32", "--num_layers", "2",
-             "--attention_head_dim", "16", "--temporal_patch_size", "8",
-             "--vae_scale_factor", "2"]  # a token the whole clip of a 2x2-pixel latent
+             "--ffn_dim", "48", "--temporal_patch_size", "2"]  # a token two frames
     train_world_teacher.main(train_world_teacher.parse_args(flags + ["--max_train_steps", "2", "--checkpointing_steps", "2"]))
     assert torch.load(out / "train_state.pt", weights_only=True)["step"] == 2
     train_world_teacher.main(train_world_teacher.parse_args(flags + ["--max_train_steps", "3", "--checkpointing_steps", "3"]))
@@ -199,12 +198,14 @@ def test_dit_teacher_training_runs_resumes_and_loads_through_its_backend(tmp_pat
     saved = transformer.state_dict()
     assert all(torch.equal(saved[k], v) for k, v in state["ema"].items())  # the teacher is the average
     assert [b["name"] for b in models.list_blocks(backend, transformer)] == ["blocks.0", "blocks.1"]
-    assert transformer.config.patch_size == [8, 1, 1] and transformer.config.in_channels == 12
+    assert transformer.config.patch_size == [2, 1, 1] and transformer.config.ffn_dim == 48
+    with pytest.raises(common.ConfigError, match="3 x factor"):  # latents are 3 x factor^2 values: 16 is none
+        backend.vae_scale_factor(transformer.from_config({**transformer.config, "in_channels": 16}))
     frames, latents = backend.generate(backend.load_pipeline(args, transformer), ["a red square moves left slowly"] * 2,
                                        [0, 0], args, return_latents=True)
-    assert frames.shape == (2, 8, 16, 16, 3) and latents.shape == (2, 12, 8, 8, 8) and np.array_equal(frames[0], frames[1])
+    assert frames.shape == (2, 8, 16, 16, 3) and latents.shape == (2, 48, 8, 4, 4) and np.array_equal(frames[0], frames[1])
     decoded = (latents / world.SCALE).clamp(0, 1)  # the pixel VAE is lossless: the frames are the latents, rounded
-    assert (world.frames_to_latents(frames, 2) - decoded).abs().max() <= 0.5 / 255 + 1e-6
+    assert (world.frames_to_latents(frames) - decoded).abs().max() <= 0.5 / 255 + 1e-6
     # a rerun with its steps done trains nothing and saves the teacher again, here in half precision
     train_world_teacher.main(train_world_teacher.parse_args(flags + ["--max_train_steps", "3", "--save_dtype", "float16"]))
     assert torch.load(out / "train_state.pt", weights_only=True)["step"] == 3
@@ -277,11 +278,13 @@ def test_a_short_loop_on_the_world(tmp_path):
 
 
 def test_a_short_loop_on_the_world_dit(tmp_path):
-    """The loop's plumbing on the world's DiT: a teacher of a few steps, trained here."""
+    """The loop's plumbing on the world's DiT: a teacher of a few steps, trained here, its token the whole
+    clip of a 2x2-pixel latent (12 channels)."""
     teacher = tmp_path / "teacher"
     train_world_teacher.main(train_world_teacher.parse_args(["--model", "dit", "--output_dir", str(teacher),
                                                              "--max_train_steps", "3", "--train_batch_size", "2",
-                                                             "--dim", "32", "--num_layers", "3"]))
+                                                             "--dim", "32", "--num_layers", "3", "--temporal_patch_size", "8",
+                                                             "--vae_scale_factor", "2"]))
     path = loop_config("world_wan", tmp_path / "world_wan.yaml",
                        model={"num_inference_steps": 4, "pretrained_model_name_or_path": str(teacher)},
                        prune={"num_prune_prompts": 2, "num_blocks": 1},
