@@ -8,6 +8,7 @@ weights/world; its notes are in docs/world.md.
 """
 
 import itertools
+import math
 import os
 
 import numpy as np
@@ -281,6 +282,14 @@ class WanPixelVAE(ModelMixin, ConfigMixin):
         x = F.pixel_shuffle(z.permute(0, 2, 1, 3, 4).flatten(0, 1), self.config.scale_factor_spatial) * 2 - 1
         x = x.reshape(b, f, *x.shape[1:]).permute(0, 2, 1, 3, 4)
         return DecoderOutput(sample=x) if return_dict else (x,)
+
+
+def latent_factor(channels):
+    """The pixels a side of a pixel latent of `channels` values (3 x factor^2)."""
+    factor = math.isqrt(channels // 3)
+    if 3 * factor ** 2 != channels:
+        raise ValueError(f"{channels} input channels; the world's pixel latents have 3 x factor^2 (12 or 48)")
+    return factor
 
 
 def frames_to_latents(frames, factor=FACTOR):

@@ -6,8 +6,6 @@ transformer's input channels: 12 for 2x2-pixel latents, 48 for 4x4, the default)
 Its teacher is committed in weights/world_wan (train_world_teacher.py --model dit).
 """
 
-import math
-
 import torch
 
 import backends.wan as wan
@@ -47,11 +45,10 @@ def load_pipeline(args, transformer, device=None, dtype=None):
 
 def vae_scale_factor(transformer):
     """The pixels a side of the teacher's latents: a latent holds 3 x factor^2 values (world.WanPixelVAE)."""
-    factor = math.isqrt(transformer.config.in_channels // 3)
-    if 3 * factor ** 2 != transformer.config.in_channels:
-        raise ConfigError(f"model.pretrained_model_name_or_path: the transformer takes {transformer.config.in_channels} "
-                          "input channels; the world's pixel latents have 3 x factor^2 (12 or 48)")
-    return factor
+    try:
+        return world.latent_factor(transformer.config.in_channels)
+    except ValueError as e:
+        raise ConfigError(f"model.pretrained_model_name_or_path: the transformer takes {e}") from None
 
 
 def initial_noise(generators, channels, num_frames, height, width, factor):
@@ -69,7 +66,8 @@ def generate(pipe, prompts, seeds, args, return_latents=False):
 
 
 def denoise_inputs(transformer, batch_size, num_frames, height, width, device=None, dtype=None):
-    h, w = height // vae_scale_factor(transformer), width // vae_scale_factor(transformer)
+    factor = vae_scale_factor(transformer)
+    h, w = height // factor, width // factor
     sample = torch.randn(batch_size, transformer.config.in_channels, num_frames, h, w, device=device, dtype=dtype)
     text = torch.randn(batch_size, 8, transformer.config.text_dim, device=device, dtype=dtype)
     return sample, torch.full((batch_size,), 500.0, device=device), text

@@ -19,7 +19,6 @@ place it? For any world config (configs/world.yaml: the UNet; configs/world_wan.
 
 import argparse
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -71,7 +70,7 @@ SWAPS = {"colour": "a blue square moves left slowly", "shape": "a red circle mov
 @torch.no_grad()
 def word_influence(backend, config, pipe, denoiser, timesteps=(500, 950), n=8):
     base = "a red square moves left slowly"
-    factor = math.isqrt(denoiser.config.in_channels // 3)  # the pixel VAE's: 3 x factor^2 values a latent
+    factor = world.latent_factor(denoiser.config.in_channels)
     clean = world.frames_to_latents([world.render(base, s) for s in range(n)], factor) * world.SCALE
     noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))
     objective = backend.objective(config)
