@@ -6,7 +6,7 @@ what is done: stage 1's pruning and pairs (all variants), online and offline ReD
 training and stage-2 pruning, and the evaluations (one folder a seed).
 
     python ablation.py --seeds 0 1 2 --stages 2 --num_blocks 3 2 --jobs 3
-    python ablation.py --config configs/world_wan.yaml --seeds 0 1 2 --stages 2 --num_blocks 2 2 --jobs 3
+    python ablation.py --config configs/world_wan.yaml --seeds 0 1 2 --stages 2 --num_blocks 1 1 --jobs 3
 
 Writes <output_dir> (default runs/<config name>-ablation)/ablation.md (mean and sample std over seeds, per-seed comparisons) and, per
 seed, seed_<s>/ (a run folder and a config per variant, eval/, result.json, log.txt with --jobs).

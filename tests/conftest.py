@@ -4,6 +4,8 @@ from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # no test touches the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "PYTEST_XDIST_WORKER" in os.environ:  # -n 2: the workers share the cores; a thread each, scripts included
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 

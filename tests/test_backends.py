@@ -22,7 +22,8 @@ BACKENDS = sorted(m.name for m in pkgutil.iter_modules([str(ROOT / "backends")])
 
 
 def test_every_backend_has_the_whole_interface():
-    assert BACKENDS == ["animatediff", "videocrafter2", "wan", "wan_sublayers", "world", "world_wan"]
+    assert BACKENDS == ["animatediff", "videocrafter2", "wan", "wan_sublayers", "world", "world_wan",
+                        "world_wan_sublayers"]
     for name in BACKENDS:
         backend = stage.load_backend(name)
         assert all(hasattr(backend, n) for n in stage.BACKEND_NAMES), name
@@ -34,7 +35,8 @@ def test_an_unknown_backend_is_one_line_that_lists_them(tmp_path):
                         check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: model.backend: no backend 'nosuch'; backends: animatediff, videocrafter2, wan, wan_sublayers, world, world_wan (or a module on the path)")
+        "error: model.backend: no backend 'nosuch'; backends: animatediff, videocrafter2, wan, wan_sublayers, world, "
+        "world_wan, world_wan_sublayers (or a module on the path)")
     with pytest.raises(common.ConfigError, match="model.backend: json is not a backend: it lacks OPTIONS"):
         stage.load_backend("json")
 
