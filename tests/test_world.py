@@ -2,6 +2,7 @@
 training script, a short loop on the committed teacher, and the ablation's plumbing. Run: python -m pytest -q tests/test_world.py"""
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -334,8 +335,9 @@ def test_a_short_loop_on_the_world_dit(tmp_path):
     report = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())
     assert [m["label"] for m in report["models"]] == ["teacher (M0)", "stage_1/prune", "stage_1/train"]
     student = json.loads((tmp_path / "run" / "stage_1" / "train" / "student" / "student.json").read_text())
-    assert student["backend"] == "world_wan" and len(student["removed_blocks"]) == 1
-    assert "| Block params |" in (tmp_path / "run" / "eval" / "eval.md").read_text()
+    assert student["backend"] == "world_wan_sublayers" and len(student["removed_blocks"]) == 1
+    assert re.fullmatch(r"blocks\.[0-2]\.(attn1|attn2|ffn)", student["removed_blocks"][0]), student["removed_blocks"]
+    assert "| Sub-layer params |" in (tmp_path / "run" / "eval" / "eval.md").read_text()
 
 
 def test_ablation_shares_what_variants_share_and_gathers_seeds(tmp_path, monkeypatch):
