@@ -10,14 +10,17 @@ over world.py's lossless pixel VAE and a frozen random text encoder over the gra
 
 The committed DiT teacher (weights/world_wan): 8,000 steps weighted toward high noise, where the
 path is decided, then two fine-tunes of 3,000 steps at the unshifted sigmas, where edges and sizes
-are (about 1 h 35 min, then 26 min each, on one CPU thread):
+are (about 1 h 35 min, then 26 min each, on one CPU thread), then 2,000 steps with a loss on what
+temporal consistency scores (12 min):
 
     DIT="--model dit --vae_scale_factor 2 --temporal_patch_size 8 --dim 256 --attention_head_dim 64 --num_layers 4 --save_dtype float16"
     python train_world_teacher.py $DIT --flow_shift 3 --max_train_steps 8000 --output_dir runs/dit_shift3
     python train_world_teacher.py $DIT --pretrained_model_name_or_path runs/dit_shift3 --output_dir runs/dit_ft1 \
         --learning_rate 1e-4 --lr_warmup_steps 50 --max_train_steps 3000
-    python train_world_teacher.py $DIT --pretrained_model_name_or_path runs/dit_ft1 --output_dir weights/world_wan \
+    python train_world_teacher.py $DIT --pretrained_model_name_or_path runs/dit_ft1 --output_dir runs/dit_ft2 \
         --learning_rate 1e-4 --lr_warmup_steps 50 --max_train_steps 3000
+    python train_world_teacher.py $DIT --pretrained_model_name_or_path runs/dit_ft2 --output_dir weights/world_wan \
+        --learning_rate 1e-4 --lr_warmup_steps 50 --max_train_steps 2000 --moment_weight 10
 
 The saved teacher is the EMA of the trained weights, saved every --checkpointing_steps beside
 train_state.pt, which a rerun of the same command resumes from. What made each work: docs/world.md.
@@ -79,12 +82,17 @@ def parse_args(argv=None):
                         "fresh optimizer and schedule; default: random weights")
     p.add_argument("--timestep_sampling", default="logit_normal", choices=["logit_normal", "uniform"],
                    help="dit: how training sigmas are drawn, before the shift")
+    p.add_argument("--moment_weight", type=float, default=0.0,
+                   help="dit: weight of a loss on each frame's light mass and spread in the clip estimate, the "
+                        "quantities temporal consistency scores (world.score_clip); 0: off")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     args.output_dir = args.output_dir or {"unet": "weights/world", "dit": "weights/world_wan"}[args.model]
     args.learning_rate = args.learning_rate or {"unet": 1e-3, "dit": 3e-4}[args.model]
     if args.pretrained_model_name_or_path and args.model != "dit":
         raise common.ConfigError("--pretrained_model_name_or_path: only --model dit starts from a saved teacher")
+    if args.moment_weight and args.model != "dit":
+        raise common.ConfigError("--moment_weight: only --model dit (its clip estimate is x_t - sigma * velocity)")
     for key in ("max_train_steps", "train_batch_size", "checkpointing_steps", "lr_warmup_steps"):
         if getattr(args, key) < 1:
             raise common.ConfigError(f"--{key}: expected a number at least 1; got {getattr(args, key)}")
@@ -271,6 +279,10 @@ def main(args):
         loss = F.mse_loss(pred, objective.target(latents, noise, t), reduction="none").mean((1, 2, 3, 4))
         if args.model == "unet":
             loss = loss * snr_weight(objective.scheduler, t, args.snr_gamma)
+        if args.moment_weight:  # weighted by 1 - sigma: near pure noise the estimate is a blur of every path
+            sigma = (t / objective.num_train_timesteps).view(-1, 1, 1, 1, 1)
+            estimate = (noisy - sigma * pred) / SCALE
+            loss = loss + args.moment_weight * moment_loss(estimate, latents / SCALE, factor) * (1 - sigma.flatten())
         loss = loss.mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -289,6 +301,35 @@ def main(args):
                         "lr_scheduler": lr_scheduler.state_dict()}, tmp)
             os.replace(tmp, state_path)
             print(f"step {step + 1}: loss {smooth:.4f}, {time.time() - start:.0f} s", flush=True)
+
+
+def frame_moments(latents, window, factor):
+    """Each frame's light in `window` (B, F, H, W), its brightest channel as world.frame_stats reads it,
+    of pixel latents (B, 3 factor^2, F, h, w) in [0, 1]: its mass, centre (x, y) and spread (x, y), (B, F, 5)."""
+    b, _, f = latents.shape[:3]
+    light = F.pixel_shuffle(latents.transpose(1, 2).flatten(0, 1), factor).clamp(0, 1).amax(1) * window.flatten(0, 1)
+    yy, xx = torch.meshgrid(*(torch.arange(n, dtype=light.dtype) for n in light.shape[-2:]), indexing="ij")
+    mass = light.sum((1, 2)) + 1e-3
+    cx, cy = (light * xx).sum((1, 2)) / mass, (light * yy).sum((1, 2)) / mass
+    sx = (light * (xx - cx.view(-1, 1, 1)) ** 2).sum((1, 2)) / mass
+    sy = (light * (yy - cy.view(-1, 1, 1)) ** 2).sum((1, 2)) / mass
+    return torch.stack([mass, cx, cy, sx, sy], -1).view(b, f, 5)
+
+
+def moment_loss(estimate, latents, factor):
+    """Per clip: temporal consistency's drift terms (world.score_clip), squared, of the clip estimate
+    measured against the clip near the object (its pixels and a one-pixel rim): how much each
+    frame's mass and spread, relative to the clip's, vary over the frames, and the jerk of its
+    centre. The pixel loss charges a frame a little larger than the rest as a few edge pixels;
+    temporal consistency as a tenth of its score."""
+    light = F.pixel_shuffle(latents.transpose(1, 2).flatten(0, 1), factor).amax(1, keepdim=True)
+    window = F.max_pool2d((light > 0.05).float(), 3, 1, 1).view(latents.shape[0], latents.shape[2], *light.shape[-2:])
+    got, want = frame_moments(estimate, window, factor), frame_moments(latents, window, factor)
+    ratio = got[..., [0, 3, 4]] / want[..., [0, 3, 4]]
+    error = got[..., 1:3] - want[..., 1:3]
+    jerk = (error[:, 2:] - 2 * error[:, 1:-1] + error[:, :-2]).pow(2).sum(-1).mean(1)
+    variance = ratio.var(1, unbiased=False)
+    return variance[:, 0] / 0.1 ** 2 + variance[:, 1:].mean(1) / 0.15 ** 2 + jerk / 0.5 ** 2
 
 
 def start_from(transformer, text_encoder, folder):
