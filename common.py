@@ -225,8 +225,12 @@ class FlowMatching:
             torch.rand(n, generator=generator)
         return shift_sigmas(u, self.shift) * self.num_train_timesteps
 
+    def sigmas(self, timesteps, latents):
+        """The sigma of each timestep, shaped to broadcast over `latents`."""
+        return (timesteps.float() / self.num_train_timesteps).view(-1, *[1] * (latents.dim() - 1))
+
     def add_noise(self, latents, noise, timesteps):
-        sigma = (timesteps.float() / self.num_train_timesteps).view(-1, *[1] * (latents.dim() - 1))
+        sigma = self.sigmas(timesteps, latents)
         return ((1 - sigma) * latents.float() + sigma * noise.float()).to(latents.dtype)
 
     def target(self, latents, noise, timesteps):

@@ -43,7 +43,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, UMT5Config, UMT5EncoderM
 
 import common
 from backends import wan
-from world import FACTOR, FRAMES, SCALE, SIZE, PixelVAE, frames_to_latents, render, split_prompts, word_tokenizer
+from world import (DRIFT_TOLERANCE, FACTOR, FRAMES, SCALE, SIZE, PixelVAE, frames_to_latents, render, split_prompts,
+                   word_tokenizer)
 
 
 def parse_args(argv=None):
@@ -83,8 +84,8 @@ def parse_args(argv=None):
     p.add_argument("--timestep_sampling", default="logit_normal", choices=["logit_normal", "uniform"],
                    help="dit: how training sigmas are drawn, before the shift")
     p.add_argument("--moment_weight", type=float, default=0.0,
-                   help="dit: weight of a loss on each frame's light mass and spread in the clip estimate, the "
-                        "quantities temporal consistency scores (world.score_clip); 0: off")
+                   help="dit: weight of a loss on the clip estimate's drift over its frames in mass, spread and "
+                        "centre, as temporal consistency scores it (world.score_clip); 0: off")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     args.output_dir = args.output_dir or {"unet": "weights/world", "dit": "weights/world_wan"}[args.model]
@@ -280,7 +281,7 @@ def main(args):
         if args.model == "unet":
             loss = loss * snr_weight(objective.scheduler, t, args.snr_gamma)
         if args.moment_weight:  # weighted by 1 - sigma: near pure noise the estimate is a blur of every path
-            sigma = (t / objective.num_train_timesteps).view(-1, 1, 1, 1, 1)
+            sigma = objective.sigmas(t, latents)
             estimate = (noisy - sigma * pred) / SCALE
             loss = loss + args.moment_weight * moment_loss(estimate, latents / SCALE, factor) * (1 - sigma.flatten())
         loss = loss.mean()
@@ -303,17 +304,22 @@ def main(args):
             print(f"step {step + 1}: loss {smooth:.4f}, {time.time() - start:.0f} s", flush=True)
 
 
-def frame_moments(latents, window, factor):
-    """Each frame's light in `window` (B, F, H, W), its brightest channel as world.frame_stats reads it,
-    of pixel latents (B, 3 factor^2, F, h, w) in [0, 1]: its mass, centre (x, y) and spread (x, y), (B, F, 5)."""
+def frame_light(latents, factor):
+    """Pixel latents (B, 3 factor^2, F, h, w) -> each frame's light (B, F, H, W) in [0, 1], its
+    brightest channel, as world.frame_stats reads it."""
     b, _, f = latents.shape[:3]
-    light = F.pixel_shuffle(latents.transpose(1, 2).flatten(0, 1), factor).clamp(0, 1).amax(1) * window.flatten(0, 1)
+    light = F.pixel_shuffle(latents.transpose(1, 2).flatten(0, 1), factor).clamp(0, 1).amax(1)
+    return light.view(b, f, *light.shape[-2:])
+
+
+def frame_moments(light):
+    """Each frame's mass, centre (x, y) and spread (x, y) of light (B, F, H, W): (B, F, 5)."""
     yy, xx = torch.meshgrid(*(torch.arange(n, dtype=light.dtype) for n in light.shape[-2:]), indexing="ij")
-    mass = light.sum((1, 2)) + 1e-3
-    cx, cy = (light * xx).sum((1, 2)) / mass, (light * yy).sum((1, 2)) / mass
-    sx = (light * (xx - cx.view(-1, 1, 1)) ** 2).sum((1, 2)) / mass
-    sy = (light * (yy - cy.view(-1, 1, 1)) ** 2).sum((1, 2)) / mass
-    return torch.stack([mass, cx, cy, sx, sy], -1).view(b, f, 5)
+    mass = light.sum((-1, -2)) + 1e-3
+    cx, cy = (light * xx).sum((-1, -2)) / mass, (light * yy).sum((-1, -2)) / mass
+    sx = (light * (xx - cx[..., None, None]) ** 2).sum((-1, -2)) / mass
+    sy = (light * (yy - cy[..., None, None]) ** 2).sum((-1, -2)) / mass
+    return torch.stack([mass, cx, cy, sx, sy], -1)
 
 
 def moment_loss(estimate, latents, factor):
@@ -322,14 +328,15 @@ def moment_loss(estimate, latents, factor):
     frame's mass and spread, relative to the clip's, vary over the frames, and the jerk of its
     centre. The pixel loss charges a frame a little larger than the rest as a few edge pixels;
     temporal consistency as a tenth of its score."""
-    light = F.pixel_shuffle(latents.transpose(1, 2).flatten(0, 1), factor).amax(1, keepdim=True)
-    window = F.max_pool2d((light > 0.05).float(), 3, 1, 1).view(latents.shape[0], latents.shape[2], *light.shape[-2:])
-    got, want = frame_moments(estimate, window, factor), frame_moments(latents, window, factor)
+    light = frame_light(latents, factor)
+    window = F.max_pool2d((light > 0.05).float(), 3, 1, 1)
+    got, want = frame_moments(frame_light(estimate, factor) * window), frame_moments(light * window)
     ratio = got[..., [0, 3, 4]] / want[..., [0, 3, 4]]
     error = got[..., 1:3] - want[..., 1:3]
     jerk = (error[:, 2:] - 2 * error[:, 1:-1] + error[:, :-2]).pow(2).sum(-1).mean(1)
     variance = ratio.var(1, unbiased=False)
-    return variance[:, 0] / 0.1 ** 2 + variance[:, 1:].mean(1) / 0.15 ** 2 + jerk / 0.5 ** 2
+    tol = DRIFT_TOLERANCE
+    return variance[:, 0] / tol["mass"] ** 2 + variance[:, 1:].mean(1) / tol["spread"] ** 2 + jerk / tol["jerk"] ** 2
 
 
 def start_from(transformer, text_encoder, folder):

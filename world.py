@@ -158,6 +158,9 @@ def frame_stats(frame):
 # Tolerances sit at just-visible levels, so sub-visible deviations a viewer cannot see (a haze of
 # 1-3% of white, a tenth of a pixel of jitter) do not cost a clip its score.
 VISIBLE = 10 / 255  # light below this reads as black
+# Temporal consistency's drift: each term over its just-visible size (relative mass, colour distance,
+# relative spread, pixels of jerk); the clip's score decays with their sum.
+DRIFT_TOLERANCE = {"mass": 0.1, "colour": 0.1, "spread": 0.15, "jerk": 0.5}
 
 
 def _rate(x):
@@ -191,8 +194,10 @@ def score_clip(frames, prompt):
     spread = np.stack([s["spread"] for s in seen])
     centres = np.stack([s["centre"] for s in seen])
     jerk = np.linalg.norm(np.diff(centres, 2, axis=0), axis=1).mean() if len(seen) > 2 else 0.0
-    drift = (mass.std() / mass.mean() / 0.1 + np.linalg.norm(colours - colours.mean(0), axis=1).mean() / 0.1
-             + (spread.std(0) / spread.mean(0)).mean() / 0.15 + jerk / 0.5)
+    tol = DRIFT_TOLERANCE
+    drift = (mass.std() / mass.mean() / tol["mass"]
+             + np.linalg.norm(colours - colours.mean(0), axis=1).mean() / tol["colour"]
+             + (spread.std(0) / spread.mean(0)).mean() / tol["spread"] + jerk / tol["jerk"])
     temporal = present * np.exp(-drift / 2)
 
     # Dynamic degree: the fitted speed against the asked one.

@@ -233,8 +233,7 @@ def test_moment_loss_is_temporal_consistencys_drift_of_the_clip_estimate():
     frame dimmed or a frame moved off the path costs what temporal consistency charges for it."""
     clip = world.render("a red square moves left slowly", 3)
     latents = world.frames_to_latents([clip], 2)
-    window = torch.ones(1, clip.shape[0], world.SIZE, world.SIZE)
-    moments = train_world_teacher.frame_moments(latents, window, 2)[0]
+    moments = train_world_teacher.frame_moments(train_world_teacher.frame_light(latents, 2))[0]
     for frame, got in zip(clip, moments):
         stats = world.frame_stats(frame)
         want = [stats["mass"], *stats["centre"], *stats["spread"]]
