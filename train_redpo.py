@@ -18,6 +18,7 @@ Ablations are switches: --loss_type sft | dpo | redpo. Writes to --output_dir: s
 config.yaml.
 """
 
+import gc
 import importlib.util
 import json
 import math
@@ -436,6 +437,12 @@ def main(args):
         print(f"train: saved {args.output_dir}/student after {global_step} steps")
         log.close()
     cost.write(accelerator, args.output_dir)
+    # DDP's reducer holds the process group and, freed at return, would destroy it holding the GIL
+    # while gloo's threads may still need the GIL to drop the ledger's gathered tensors: a deadlock
+    # (pytorch/pytorch#56297). Freed here, the group goes in end_training, which lets go of the GIL.
+    del student
+    accelerator.free_memory()
+    gc.collect()
     accelerator.end_training()
 
 
