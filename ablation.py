@@ -109,6 +109,7 @@ def run_seed(args, seed, config):
     """Every variant of one seed, then one evaluation of the final students; returns the scores."""
     root = os.path.join(args.output_dir, f"seed_{seed}")
     share(root)
+    common.remove_stale_temporaries(root)
     finals = {}
     for row, (tag, loss, offline) in VARIANTS.items():
         variant = {**config, "train": {**config["train"], "loss_type": loss}}
@@ -124,7 +125,7 @@ def run_seed(args, seed, config):
 
 
 def main(args):
-    base = yaml.safe_load(open(args.config))
+    base = stage.read_config(args.config)
     aspects = base["reward"]["aspects"]
     cuts = (args.num_blocks * args.stages if len(args.num_blocks) == 1 else args.num_blocks) if args.num_blocks else None
     seeds = list(dict.fromkeys(args.seeds))  # a seed named twice would run twice in one folder

@@ -6,11 +6,16 @@ Every other module imports this one; it imports none of them.
 
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
+import re
+import secrets
 import shutil
+import socket
 import sys
+import time
 from pathlib import Path
 
 import imageio.v2 as imageio
@@ -69,9 +74,67 @@ def disk_full(error):
 # Files: every artifact is written under a temporary name and renamed into place.
 
 
+def _writer():
+    """Who writes a temporary: this host and PID namespace, so that a name is unique across hosts and
+    containers sharing a filesystem, and a stale one can be told from a live writer's."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = 0
+    return hashlib.sha1(f"{socket.gethostname()}/{namespace}".encode()).hexdigest()[:8]
+
+
+WRITER = _writer()
+# tmp_name's, and .<name>.tmp<pid><suffix> as versions before it named them
+TEMPORARY = re.compile(r"^\..+\.tmp(-(?P<writer>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]{8}|\d+)(\.\w+)?$")
+STALE_AFTER_S = 24 * 3600  # a temporary nobody has touched for a day is a dead writer's, wherever it ran
+
+
 def tmp_name(path):
+    """`.<name>.tmp-<writer>-<pid>-<random><suffix>` beside `path` (the suffix kept: writers pick formats by it)."""
     path = Path(path)
-    return path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    return path.with_name(f".{path.stem}.tmp-{WRITER}-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # someone else's process
+        return True
+    return True
+
+
+def is_stale_temporary(path):
+    """Whether `path` is a temporary (tmp_name's) whose writer is gone: a process of this host and PID
+    namespace that no longer runs, or any writer after STALE_AFTER_S without a change."""
+    match = TEMPORARY.match(os.path.basename(path))
+    if not match:
+        return False
+    if match["writer"] == WRITER and int(match["pid"]) != os.getpid() and not _alive(int(match["pid"])):
+        return True
+    try:
+        return time.time() - os.lstat(path).st_mtime > STALE_AFTER_S
+    except OSError:
+        return False
+
+
+def remove_stale_temporaries(folder):
+    """Remove what killed writers left in `folder` (not below it), where live writers may be at work."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(folder, name)
+        if not is_stale_temporary(path):
+            continue
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
 
 @contextlib.contextmanager
@@ -86,6 +149,17 @@ def atomic_path(path):
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def intact(root, files):
+    """Whether every file of `files` ({path relative to `root`: bytes}) is there, whole in size."""
+    for rel, size in files.items():
+        try:
+            if os.path.getsize(os.path.join(root, rel)) != size:
+                return False
+        except OSError:
+            return False
+    return True
 
 
 def atomic_write_text(path, text):

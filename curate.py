@@ -13,7 +13,7 @@ reward's noise, do not train DPO.
         --student runs/animatediff/stage_1/prune/student --ranking runs/animatediff/stage_1/prune/ranking.json
 
 Each process generates a shard of the prompts. Writes to --output_dir: pairs.jsonl (prompt, seed,
-winner and loser MP4s, both score dicts, the latents file), videos/, latents/ (the winner's and
+winner and loser MP4s, both score dicts, the latents file and its sha256, the files' sizes), videos/, latents/ (the winner's and
 loser's VAE latents and the prompt's embedding, so training runs neither the VAE nor the text
 encoder), candidates.jsonl (every generated pair and
 why it was dropped), prompts.txt (the prompts that passed the filters), config.yaml.
@@ -31,22 +31,24 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import common
 import models
+import provenance
 import rewards
 import stage
 import teacher_cache
 
 OPTIONS = {
     "output_dir": (None, "where pairs.jsonl, videos/ and latents/ go"),
-    "student": (None, "the current pruned student (prune.py's student/): it makes the losers"),
-    "ranking": (None, "prune.py's ranking.json: its targets are the aspects to repair"),
+    "student": (None, "the current pruned student (prune.py's student/): it makes the losers", {"input": True}),
+    "ranking": (None, "prune.py's ranking.json: its targets are the aspects to repair", {"input": True}),
     "target_aspects": (None, "instead of --ranking: the aspects to repair, e.g. dynamic_degree temporal_consistency",
                        {"type": list, "choices": common.ASPECTS}),
-    "curation_prompts": ("configs/prompts/curation.txt", "prompts: one a line, or JSONL/CSV with a 'prompt' field"),
+    "curation_prompts": ("configs/prompts/curation.txt", "prompts: one a line, or JSONL/CSV with a 'prompt' field",
+                         {"input": True}),
     "max_prompts": (None, "use at most this many prompts (after filtering)", {"type": int, "min": 1}),
     "min_words": (5, "shortest prompt kept, in words", {"min": 1}),
     "max_words": (25, "longest prompt kept, in words", {"min": 1}),
     "relevance_filter": ("keyword", "keyword (no weights) | llm (--llm_model) | none", {"choices": ("keyword", "llm", "none")}),
-    "llm_model": (None, "causal LM for --relevance_filter llm: hub id or local folder"),
+    "llm_model": (None, "causal LM for --relevance_filter llm: hub id or local folder", {"input": True}),
     "seeds_per_prompt": (1, "pairs generated per prompt, each with its own seed", {"min": 1}),
     "tau_p": (2.5, "floor on the loser's score: S(v_full) > S(v_pruned) > tau_p"),
     "min_margin": (0.0, "S(v_full) - S(v_pruned) must exceed this; 0 is the paper's rule", {"min": 0}),
@@ -222,11 +224,14 @@ def main(args):
     targets = target_aspects(args)
     models.read_student_meta(args.student)
     backend = stage.backend_of(args)
-    stage.check_models(args, backend.required_models(args) + rewards.required_models(args))
+    stage.check_models(args, backend.required_models(args) + rewards.required_models(args),
+                       build=(backend.build_tiny, rewards.build_tiny))
     accelerator = Accelerator()
     out = args.output_dir
-    if stage.stage_done(out, args, "pairs.jsonl"):
-        accelerator.print(f"curate: {out}/pairs.jsonl is done with this config; skipping")
+    with accelerator.main_process_first():  # the first to digest a model keeps the digest for the others
+        made = provenance.made_from(args)
+    if provenance.done(out, made):
+        accelerator.print(f"curate: {out} is done from this config and these inputs; skipping")
         return
     with accelerator.main_process_first():
         prompts = select_prompts(args, targets, accelerator.device)
@@ -239,15 +244,15 @@ def main(args):
     student = backend.load_pipeline(args, pruned, device=accelerator.device, dtype=dtype)
     m0 = models.load_model(backend, args, dtype=dtype).to(accelerator.device)
     teacher = backend.with_denoiser(student, m0)
-    cost, kept_videos = stage.Ledger("curate"), teacher_cache.TeacherCache(args)
+    cost, kept_videos = stage.Ledger("curate"), teacher_cache.TeacherCache(args, made)
     cost.watch(m0, pruned)
     reward = rewards.load_reward(args, device=accelerator.device)
     if set(targets) - set(reward.aspects):
         raise common.ConfigError(f"curate: target aspects {', '.join(targets)}: reward {args.reward} scores only "
                                  f"{', '.join(reward.aspects)}")
     rewards.check_prompts(reward, prompts, args.curation_prompts)
-    stage.start_stage(accelerator, out, args, ["pairs.jsonl", "candidates.jsonl", "prompts.txt", "items", "videos",
-                                                "latents", "cost.json"])
+    provenance.start(accelerator, out, made, args, ["pairs.jsonl", "candidates.jsonl", "prompts.txt", "items", "videos",
+                                                    "latents", "cost.json"])
     if accelerator.is_main_process:
         common.atomic_write_text(os.path.join(out, "prompts.txt"), "\n".join(prompts) + "\n")
 
@@ -272,11 +277,14 @@ def main(args):
             with common.atomic_path(os.path.join(out, row["latents"])) as tmp:
                 save_file({"winner": w_latents[k].contiguous(), "loser": l_latents[k].contiguous(),
                            "prompt_embeds": embeds[k].detach().cpu().contiguous()}, str(tmp))
+            # What training reads is named by its contents (provenance), and what a rerun checks is whole by size.
+            row["latents_sha256"] = provenance.sha256_file(os.path.join(out, row["latents"]))
+            row["files"] = {row[key]: os.path.getsize(os.path.join(out, row[key])) for key in ("winner", "loser", "latents")}
             rows.append(row)
         return rows
 
     rows = stage.run_items(items, work, lambda i: os.path.join(out, "items", f"{i}.json"), accelerator,
-                            desc="curate: pairs", batch_size=args.generation_batch_size)
+                            desc="curate: pairs", batch_size=args.generation_batch_size, files_root=out)
 
     # Every process judges the same results, so all of them stop together on zero pairs.
     verdicts = [pair_passes(r["winner_scores"], r["loser_scores"], targets, args.tau_p, args.pair_score,
@@ -297,6 +305,8 @@ def main(args):
         common.atomic_write_text(os.path.join(out, "pairs.jsonl"), "".join(json.dumps(r) + "\n" for r in kept))
         print(f"curate: kept {len(kept)} of {len(rows)} pairs on {', '.join(targets)} ({counts})")
     cost.write(accelerator, out)
+    if accelerator.is_main_process:
+        provenance.finish(out, made, ["pairs.jsonl", "candidates.jsonl", "prompts.txt", *[f for r in kept for f in r["files"]]])
     accelerator.wait_for_everyone()
 
 

@@ -9,8 +9,10 @@ parameters, FLOPs of one denoising step, and the latency of generating one video
         --students runs/animatediff/stage_3/train/student
 
 The held-out prompts (configs/prompts/eval.txt) are not curation prompts. Each process generates
-a shard of the (model, prompt) pairs; results are cached per model, so adding a student to the
-list only evaluates the new one. Writes to --output_dir: eval.json, eval.md (the table),
+a shard of the (model, prompt) pairs; results are kept per model's weights and prompt's text, so
+adding a student to the list only evaluates the new one, a student retrained in place is evaluated
+again, and a folder given twice (or through a symlink) is evaluated once and listed as given.
+Writes to --output_dir: eval.json, eval.md (the table),
 report.html (the table, aspects.png with each aspect across the models, and the models' videos side
 by side for the same prompts and seeds), videos/<model>/ (every evaluated video), config.yaml.
 """
@@ -19,7 +21,6 @@ import hashlib
 import html
 import json
 import os
-import re
 import time
 
 import matplotlib
@@ -32,14 +33,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import common
 import ledger
 import models
+import provenance
 import rewards
 import stage
 import teacher_cache
 
 OPTIONS = {
     "output_dir": (None, "where eval.json, eval.md and the videos go"),
-    "students": ([], "student folders to evaluate beside the teacher M0; comma-separated or a YAML list"),
-    "eval_prompts": ("configs/prompts/eval.txt", "held-out prompts (never the curation prompts)"),
+    "students": ([], "student folders to evaluate beside the teacher M0; comma-separated or a YAML list",
+                 {"input": True}),
+    "eval_prompts": ("configs/prompts/eval.txt", "held-out prompts (never the curation prompts)", {"input": True}),
     "num_eval_prompts": (None, "use the first this many prompts (default: all)", {"type": int, "min": 1}),
     "videos_per_prompt": (1, "videos per prompt, each with its own seed", {"min": 1}),
     "latency_runs": (3, "timed generations per model (after one warm-up); the median is reported", {"min": 1}),
@@ -56,13 +59,15 @@ def parse_args(argv=None):
                                                "eval": OPTIONS})
 
 
-def model_key(path):
-    """A cache key that changes when the student folder is rewritten with other contents; the same
-    folder reached through a symlink is the same student."""
-    if path is None:
-        return "teacher"
-    digest = hashlib.sha1(open(os.path.join(path, "student.json"), "rb").read()).hexdigest()[:8]
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", os.path.realpath(path)).strip("-")[-60:] + "-" + digest
+def model_key(identity):
+    """The key of a model's results: M0's (which the folder's own record pins), or a student's by the
+    digest of its weights and student.json (provenance.digest), never by its path."""
+    return "teacher" if identity is None else "student-" + identity.split(":")[-1][:16]
+
+
+def prompt_key(prompt, seed):
+    """An item's key within a model's: the prompt's text and the seed, so an edited prompt is made again."""
+    return f"{hashlib.sha256(prompt.encode()).hexdigest()[:12]}_{seed}"
 
 
 def label(path):
@@ -184,11 +189,14 @@ def main(args):
         models.read_student_meta(s)
     prompts = stage.read_prompts(args.eval_prompts)[: args.num_eval_prompts]
     backend = stage.backend_of(args)
-    stage.check_models(args, backend.required_models(args) + rewards.required_models(args))
+    stage.check_models(args, backend.required_models(args) + rewards.required_models(args),
+                       build=(backend.build_tiny, rewards.build_tiny))
     accelerator = Accelerator()
     out = args.output_dir
-    if stage.stage_done(out, args, "eval.json"):
-        accelerator.print(f"evaluate: {out}/eval.json is done with this config; skipping")
+    with accelerator.main_process_first():  # the first to digest a model keeps the digest for the others
+        made = provenance.made_from(args)
+    if provenance.done(out, made):
+        accelerator.print(f"evaluate: {out} is done from this config and these inputs; skipping")
         return
     dtype = common.weight_dtype(args.mixed_precision)
     reward = rewards.load_reward(args, device=accelerator.device)
@@ -196,18 +204,24 @@ def main(args):
     # The weight-free features are reported beside any learned reward (the ensemble scores them itself).
     second = rewards.beside(args)
     paths = [None] + list(args.students)
-    unets = {model_key(p): models.load_model(backend, args, student=p, dtype=dtype).to(accelerator.device) for p in paths}
+    keys = [model_key(i) for i in [None] + made["eval"]["students"]]  # one a path; a model given twice, one key
+    unets = {}
+    for path, k in zip(paths, keys):
+        if k not in unets:
+            unets[k] = models.load_model(backend, args, student=path, dtype=dtype).to(accelerator.device)
     pipe = backend.load_pipeline(args, unets["teacher"], device=accelerator.device, dtype=dtype)
     pipes = {k: pipe if k == "teacher" else backend.with_denoiser(pipe, u) for k, u in unets.items()}
-    stage.start_stage(accelerator, out, args, ["eval.json", "eval.md", "report.html", "aspects.png", "items", "videos",
-                                                "cost.json"],
-                       work=["items", "videos"], work_ignores=["students"], final="eval.json")
+    # Items are keyed by the model's contents, the prompt's text and the seed: they stay valid whichever
+    # students and prompts a later call lists.
+    provenance.start(accelerator, out, made, args, ["eval.json", "eval.md", "report.html", "aspects.png", "items",
+                                                    "videos", "cost.json"],
+                     work=["items", "videos"], work_ignores=["students", "eval_prompts", "num_eval_prompts"])
 
     n = args.videos_per_prompt
-    items = [{"id": f"{k}__{i:04d}_{j}", "model": k, "prompt": p, "seed": args.seed + i * n + j}
+    items = [{"id": f"{k}__{prompt_key(p, args.seed + i * n + j)}", "model": k, "prompt": p, "seed": args.seed + i * n + j}
              for k in unets for i, p in enumerate(prompts) for j in range(n)]
 
-    cost, kept = stage.Ledger("evaluate"), teacher_cache.TeacherCache(args)
+    cost, kept = stage.Ledger("evaluate"), teacher_cache.TeacherCache(args, made)
     cost.watch(*unets.values())
 
     def work(chunk):
@@ -223,20 +237,21 @@ def main(args):
             for c, f, s in zip(group, frames, scores):
                 video = os.path.join("videos", k, c["id"].split("__")[1] + ".mp4")
                 common.write_video(os.path.join(out, video), f, fps=args.fps)
-                results[c["id"]] = {"model": k, "prompt": c["prompt"], "seed": c["seed"], "video": video, "scores": s}
+                results[c["id"]] = {"model": k, "prompt": c["prompt"], "seed": c["seed"], "video": video, "scores": s,
+                                    "files": {video: os.path.getsize(os.path.join(out, video))}}
         return [results[c["id"]] for c in chunk]
 
-    # Results live in a cache beside the table, keyed by model: a later call with more students reuses them.
     results = stage.run_items(items, work, lambda i: os.path.join(out, "items", f"{i}.json"), accelerator,
-                               desc="evaluate", batch_size=args.generation_batch_size)
+                               desc="evaluate", batch_size=args.generation_batch_size, files_root=out)
 
     if accelerator.is_main_process:
         entries = []
-        for path, (k, unet) in zip(paths, unets.items()):
+        for path, k in zip(paths, keys):
             mine = [r for r in results if r["model"] == k]
             scores = {a: sum(r["scores"][a] for r in mine) / len(mine) for a in mine[0]["scores"]}
             with cost.as_role("teacher" if k == "teacher" else "student"):
-                measured = measure(backend, unet, pipes[k], args, prompts[0], os.path.join(out, "items", f"{k}.measured.json"))
+                measured = measure(backend, unets[k], pipes[k], args, prompts[0],
+                                   os.path.join(out, "items", f"{k}.measured.json"))
             entries.append({
                 "label": label(path), "path": path or "M0", "key": k, "scores": scores,
                 "average": sum(scores[a] for a in args.aspects) / len(args.aspects), **measured,
@@ -260,9 +275,12 @@ def main(args):
             md += "\nWhat the run has cost before this evaluation (ledger.py):\n\n" + ledger.table(spent)
         common.atomic_write_text(os.path.join(out, "eval.md"), md)
         write_report(out, report, md)
-        common.atomic_write_json(os.path.join(out, "eval.json"), report)  # last: marks the evaluation done
+        common.atomic_write_json(os.path.join(out, "eval.json"), report)
         print(md + f"\nreport: {os.path.join(out, 'report.html')}")
     cost.write(accelerator, out)
+    if accelerator.is_main_process:
+        provenance.finish(out, made, ["eval.json", "eval.md", "report.html", "aspects.png",
+                                      *[r["video"] for r in results]])
     accelerator.wait_for_everyone()
 
 

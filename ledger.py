@@ -10,25 +10,57 @@ vip_loop.sh runs it at the end. A killed invocation's spending is not recorded.
 
 import argparse
 import collections
-import glob
 import json
 import os
+import re
+import sys
 
 import common
 
 COLUMNS = ["denoiser_calls/teacher", "denoiser_calls/student", "videos/teacher", "videos/student", "videos_scored",
            "wall_s", "cpu_s"]
+STAGE = re.compile(r"stage_(\d+)")
+
+
+def stage_folders(run_dir):
+    """A run folder's stage_<k>/ folders, in the loop's order (a copy such as stage_2.bak is none)."""
+    try:
+        names = os.listdir(run_dir)
+    except OSError:
+        return []
+    found = sorted((int(m[1]), n) for n in names if (m := STAGE.fullmatch(n)) and os.path.isdir(os.path.join(run_dir, n)))
+    return [os.path.join(run_dir, n) for _, n in found]
+
+
+def read_entries(path):
+    """The entries of a cost.json, each {column: number}; what cannot be read is said in one line
+    and left out, so that what a run cost never stops the run."""
+    try:
+        with open(path) as f:
+            entries = json.load(f)
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise ValueError("expected a list of JSON objects")
+    except (OSError, ValueError) as e:
+        print(f"ledger: {path}: cannot read ({str(e).splitlines()[0][:100]}); its cost is left out", file=sys.stderr)
+        return []
+    bad = sorted({k for e in entries for k in COLUMNS if k in e and not _number(e[k])})
+    if bad:
+        print(f"ledger: {path}: {', '.join(bad)} not a number in some entries; those are left out", file=sys.stderr)
+    return [{k: e[k] for k in COLUMNS if k in e and _number(e[k])} for e in entries]
+
+
+def _number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
 
 
 def run_costs(run_dir):
     """[(stage, script, summed entry)] for every cost.json under a run folder, in the loop's order."""
     rows = []
-    stages = sorted(glob.glob(os.path.join(run_dir, "stage_*")), key=lambda p: int(p.rsplit("_", 1)[1]))
-    for folder in [os.path.join(s, step) for s in stages for step in ("prune", "curate", "train")] + \
+    for folder in [os.path.join(s, step) for s in stage_folders(run_dir) for step in ("prune", "curate", "train")] + \
             [os.path.join(run_dir, "eval")]:
         path = os.path.join(folder, "cost.json")
         if os.path.exists(path) and not os.path.islink(folder):  # a shared folder is counted where it lives
-            entries = json.load(open(path))
+            entries = read_entries(path)
             summed = {c: sum(e.get(c, 0) for e in entries) for c in COLUMNS}
             rows.append((os.path.basename(os.path.dirname(folder)) if folder.endswith(("prune", "curate", "train"))
                          else "all", os.path.basename(folder), summed))
@@ -52,13 +84,14 @@ def _cell(value, key):
 
 
 def main(args):
-    if not glob.glob(os.path.join(args.run_dir, "stage_*")):
+    if not stage_folders(args.run_dir):
         raise common.ConfigError(f"{args.run_dir}: no stage_<k>/ in it; expected a run folder of vip_loop.sh")
     rows = run_costs(args.run_dir)
     if not rows:  # every step was done before the scripts kept a ledger
         print(f"{args.run_dir}: no step of this run recorded its cost")
         return
     md = f"# What the run cost ({args.run_dir})\n\n" + table(rows)
+    common.remove_stale_temporaries(args.run_dir)
     common.atomic_write_text(os.path.join(args.run_dir, "cost.md"), md)
     print(md)
 

@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 
 import torch
 import torch.nn as nn
@@ -266,15 +267,33 @@ def save_student(backend, model, out_dir, args, weights, extra=None, state=None)
 # Generation with a diffusers pipeline that takes AnimateDiffPipeline's call (AnimateDiff, VC2).
 
 
+_CUT_WARNED = []
+
+
+def warn_if_cut(tokenizer, prompts):
+    """One line, once a process, where a prompt runs past the text encoder's window, which cuts it
+    (the pipeline would log a kilobyte of the cut text for every batch)."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    if _CUT_WARNED or not limit or limit > 10 ** 6:
+        return
+    cut = [p for p in prompts if len(tokenizer(p).input_ids) > limit]
+    if cut:
+        _CUT_WARNED.append(cut[0])
+        print(f"warning: prompts longer than the text encoder's {limit} tokens are cut there (the first: "
+              f"{cut[0][:60]!r}{'...' if len(cut[0]) > 60 else ''})", file=sys.stderr)
+
+
 @torch.no_grad()
 def generate(pipe, prompts, seeds, args, return_latents=False):
     """Generate one video per (prompt, seed): uint8 frames (B, F, H, W, 3), and with
     `return_latents` the scaled VAE latents (B, C, F, h, w) the frames were decoded from."""
     device = pipe._execution_device
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-    latents = pipe(prompt=list(prompts), num_frames=args.num_frames, height=args.height, width=args.width,
-                   num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                   generator=generators, output_type="latent").frames
+    warn_if_cut(pipe.tokenizer, prompts)
+    with quiet(type(pipe).__module__):  # its warning of cut prompts, said once above
+        latents = pipe(prompt=list(prompts), num_frames=args.num_frames, height=args.height, width=args.width,
+                       num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                       generator=generators, output_type="latent").frames
     video = pipe.decode_latents(latents.to(device))
     frames = ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     frames = frames.permute(0, 2, 3, 4, 1).cpu().numpy()  # (B, C, F, H, W) -> (B, F, H, W, C)

@@ -15,26 +15,31 @@ scores, so a killed run resumes).
 """
 
 import argparse
+import hashlib
 import os
 
 from accelerate import Accelerator
 
 import common
 import models
+import provenance
 import rewards
 import stage
 import teacher_cache
 
 OPTIONS = {
     "output_dir": (None, "where ranking.json and the pruned student go"),
-    "student": (None, "current student folder (default: the full model M0, stage 1)"),
-    "prune_prompts": ("configs/prompts/curation.txt", "prompts of the block scan (the first --num_prune_prompts)"),
+    "student": (None, "current student folder (default: the full model M0, stage 1)", {"input": True}),
+    "prune_prompts": ("configs/prompts/curation.txt", "prompts of the block scan (the first --num_prune_prompts)",
+                      {"input": True}),
     "num_prune_prompts": (16, "prompts per candidate block", {"min": 1}),
     "candidates": ([], "block names to consider (default: every motion module still present)"),
     "num_blocks": (1, "blocks removed this stage; several numbers: one a stage (the last one for later stages)",
                    {"type": "per_stage", "min": 1}),
     "prune_params": (None, "instead of --num_blocks: remove the best-ranked blocks until at least this many "
                            "motion-module parameters are gone", {"type": int, "min": 1}),
+    "num_stages": (None, "the run's stages in all (vip_loop.sh passes STAGES): this stage's cut and the later "
+                         "ones' are checked at once against the blocks the model has", {"type": int, "min": 1}),
     "seed": (0, "video i uses seed + i, the same for every candidate", {"min": 0}),
     # A cheaper scan: the ranking's fidelity against the full settings is measured in README "Run cost".
     "scan_num_inference_steps": (None, "denoising steps of the scan's videos (default: model.num_inference_steps)",
@@ -68,11 +73,26 @@ def choose_blocks(candidates, num_blocks, prune_params):
     return chosen
 
 
-def blocks_this_stage(num_blocks, student):
-    """num_blocks, or its entry for this stage: the student's stage (models.stage_of) plus one."""
-    if isinstance(num_blocks, int):
-        return num_blocks
-    return num_blocks[min(models.stage_of(student), len(num_blocks) - 1)]
+def blocks_at(num_blocks, index):
+    """num_blocks, or its entry for the stage of that index (0: the first; the last entry for later ones)."""
+    return num_blocks if isinstance(num_blocks, int) else num_blocks[min(index, len(num_blocks) - 1)]
+
+
+def check_cuts(present, num_blocks, prune_params, index, num_stages=None):
+    """A cut that would leave the model no block (nothing left to train or prune), at this stage
+    (`index`, 0 for M0's) or a later one of the run's `num_stages`, is an error before any work; a
+    parameter budget cuts at least one block a stage, and every block where it covers them all."""
+    left = len(present)
+    for k in range(index, max(index + 1, num_stages or 0)):
+        if prune_params is None:
+            left -= blocks_at(num_blocks, k)
+        else:
+            left -= left if k == index and prune_params >= sum(b["params"] for b in present) else 1
+        if left < 1:
+            what = f"prune.prune_params {prune_params:,}" if prune_params is not None else f"prune.num_blocks {num_blocks}"
+            raise common.ConfigError(f"{what}: stage {k + 1}{f' of {num_stages}' if num_stages else ''} would remove "
+                                     f"the last of the {len(present)} blocks left at stage {index + 1}; nothing would be "
+                                     f"left to train. Cut fewer blocks or run fewer stages")
 
 
 def main(args):
@@ -85,7 +105,8 @@ def main(args):
     if args.student is not None:
         models.read_student_meta(args.student)
     backend = stage.backend_of(args)
-    stage.check_models(args, backend.required_models(args) + rewards.required_models(args))
+    stage.check_models(args, backend.required_models(args) + rewards.required_models(args),
+                       build=(backend.build_tiny, rewards.build_tiny))
     # The scan's videos: the model's settings, or the cheaper ones asked for.
     scan_args = argparse.Namespace(**vars(args))
     for key in ("num_inference_steps", "num_frames", "height", "width"):
@@ -93,8 +114,10 @@ def main(args):
             setattr(scan_args, key, getattr(args, f"scan_{key}"))
     backend.required_models(scan_args)  # the family's own checks of a video size (Wan: 4k + 1 frames)
     accelerator = Accelerator()
-    if stage.stage_done(args.output_dir, args, "ranking.json"):
-        accelerator.print(f"prune: {args.output_dir}/ranking.json is done with this config; skipping")
+    with accelerator.main_process_first():  # the first to digest a model keeps the digest for the others
+        made = provenance.made_from(args)
+    if provenance.done(args.output_dir, made):
+        accelerator.print(f"prune: {args.output_dir} is done from this config and these inputs; skipping")
         return
     aspects = args.aspects
     dtype = common.weight_dtype(args.mixed_precision)
@@ -108,24 +131,27 @@ def main(args):
         pipes["teacher"] = backend.with_denoiser(pipe, denoisers[-1])
     reward = rewards.load_reward(args, device=accelerator.device)
     rewards.check_prompts(reward, prompts, args.prune_prompts)
-    cost, kept = stage.Ledger("prune"), teacher_cache.TeacherCache(scan_args)
+    cost, kept = stage.Ledger("prune"), teacher_cache.TeacherCache(scan_args, provenance.made_from(scan_args))
     cost.watch(*denoisers)
-    blocks = models.list_blocks(backend, unet)
+    present = models.list_blocks(backend, unet)
+    blocks = present
     if args.candidates:
-        present = [b["name"] for b in blocks]
         for name in args.candidates:
-            if name not in present:
+            if name not in [b["name"] for b in present]:
                 raise common.ConfigError(f"prune.candidates: no block '{name}' left to remove; blocks present: "
-                                         f"{', '.join(present)}")
+                                         f"{', '.join(b['name'] for b in present)}")
         blocks = [b for b in blocks if b["name"] in args.candidates]
-    block_names = {b["name"] for b in blocks}
     if not blocks:
         raise common.ConfigError(f"{args.student}: every block is already removed; nothing left to prune")
+    index = models.stage_of(args.student)  # 0 for M0
+    check_cuts(present, args.num_blocks, args.prune_params, index, args.num_stages)
     motion_before = models.block_parameters(backend, unet)
     scan_dir = os.path.join(args.output_dir, "scan")
-    stage.start_stage(accelerator, args.output_dir, args, ["ranking.json", "ranking.md", "scan", "student", "cost.json"])
+    provenance.start(accelerator, args.output_dir, made, args, ["ranking.json", "ranking.md", "scan", "student",
+                                                                 "cost.json"])
 
     def scan(variants, phase):
+        """Mean scores of each variant ({name: the blocks it removes}) over the prompts."""
         items = [{"id": f"{v}__{i:04d}", "variant": v, "prompt": p, "seed": args.seed + i}
                  for v in variants for i, p in enumerate(prompts)]
 
@@ -133,10 +159,9 @@ def main(args):
             results = {}
             for v in dict.fromkeys(c["variant"] for c in chunk):  # a shard may mix variants
                 group = [c for c in chunk if c["variant"] == v]
-                names = [v] if v in block_names else chosen if v == "pruned" else []
                 prompts_, seeds = [c["prompt"] for c in group], [c["seed"] for c in group]
                 m0 = v == "teacher" or (v == "student" and args.student is None)  # M0 itself: made once a run
-                with models.blocks_removed(backend, unet, names):  # none for M0
+                with models.blocks_removed(backend, unet, variants[v]):  # none for M0
                     scores = teacher_cache.frames_and_scores(kept if m0 else None, backend, pipes.get(v, pipe), reward,
                                                              prompts_, seeds, scan_args, cost)[1]
                 for c, s in zip(group, scores):
@@ -147,15 +172,18 @@ def main(args):
                                    desc=f"prune: {phase}", batch_size=args.generation_batch_size)
         return {v: mean_scores([r for r in results if r["variant"] == v], aspects) for v in variants}
 
-    chosen = []  # read by scan's "pruned" variant once chosen below
-    means = scan(list(pipes) + [b["name"] for b in blocks], "block scan")
+    means = scan({**{v: [] for v in pipes}, **{b["name"]: [b["name"]] for b in blocks}}, "block scan")
     base, teacher = means["student"], means.get("teacher", means["student"])
     candidates = []
     for b in blocks:
         delta = {a: means[b["name"]][a] - base[a] for a in aspects}
         candidates.append({**b, "scores": means[b["name"]], "delta": delta, "cost": -sum(delta.values()) / len(aspects)})
-    chosen = choose_blocks(candidates, blocks_this_stage(args.num_blocks, args.student), args.prune_params)
-    pruned = means[chosen[0]] if len(chosen) == 1 else scan(["pruned"], "pruned student")["pruned"]
+    chosen = choose_blocks(candidates, blocks_at(args.num_blocks, index), args.prune_params)
+    if len(chosen) == len(present):  # a budget that, in the order the blocks ranked, takes them all
+        raise common.ConfigError(f"prune.prune_params {args.prune_params:,}: it takes all {len(present)} blocks left; "
+                                 f"nothing would be left to train. Give a smaller budget")
+    tag = "pruned-" + hashlib.sha1("+".join(sorted(chosen)).encode()).hexdigest()[:8]
+    pruned = means[chosen[0]] if len(chosen) == 1 else scan({tag: chosen}, "pruned student")[tag]
 
     # Targets: what the pruned student now does worse than the teacher.
     targets = [a for a in aspects if pruned[a] < teacher[a]]
@@ -176,10 +204,12 @@ def main(args):
             "motion_parameters": {"before": motion_before, "after": models.block_parameters(backend, unet)},
         }
         common.atomic_write_text(os.path.join(args.output_dir, "ranking.md"), ranking_markdown(ranking))
-        common.atomic_write_json(os.path.join(args.output_dir, "ranking.json"), ranking)  # last: marks the stage done
+        common.atomic_write_json(os.path.join(args.output_dir, "ranking.json"), ranking)
         print(f"prune: removed {', '.join(chosen)}; targets: {', '.join(targets)}; motion parameters "
               f"{ranking['motion_parameters']['before'] / 1e6:.2f}M -> {ranking['motion_parameters']['after'] / 1e6:.2f}M")
     cost.write(accelerator, args.output_dir)
+    if accelerator.is_main_process:
+        provenance.finish(args.output_dir, made, ["ranking.json", "ranking.md", "student"])
     accelerator.wait_for_everyone()
 
 

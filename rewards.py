@@ -18,10 +18,15 @@ import features
 import world
 
 
+def build_tiny(args):
+    """With build_tiny, a tiny VideoScore at reward_model where the reward uses one and none is there."""
+    if args.build_tiny and uses_videoscore(args) and not os.path.exists(os.path.join(args.reward_model, "config.json")):
+        build_tiny_videoscore(args.reward_model)
+
+
 def videoscore(args, device=None):
     """VideoScore from reward_model, built tiny first there when build_tiny is set."""
-    if args.build_tiny and not os.path.exists(os.path.join(args.reward_model, "config.json")):
-        build_tiny_videoscore(args.reward_model)
+    build_tiny(args)
     dtype = common.weight_dtype(args.mixed_precision) if args.mixed_precision != "no" else None
     return common.VideoScorer.from_pretrained(args.reward_model, num_frames=args.reward_num_frames, device=device,
                                               dtype=dtype, batch_size=args.reward_batch_size, cache_dir=args.cache_dir)
@@ -46,7 +51,7 @@ OPTIONS = {
                {"choices": tuple(REWARDS)}),
     "ensemble_with": ("videoscore", "the learned reward reward: ensemble averages features with: videoscore | world",
                       {"choices": LEARNED}),
-    "reward_model": ("TIGER-Lab/VideoScore-v1.1", "VideoScore hub id or local folder"),
+    "reward_model": ("TIGER-Lab/VideoScore-v1.1", "VideoScore hub id or local folder", {"input": True}),
     "reward_num_frames": (None, "frames the reward sees (default: 48 for v1.1, 16 for v1)", {"type": int, "min": 1}),
     "reward_batch_size": (4, "videos per reward forward", {"min": 1}),
     "aspects": (["visual_quality", "temporal_consistency", "dynamic_degree", "text_alignment"],

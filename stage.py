@@ -1,37 +1,36 @@
 """What every stage script shares: its config (YAML sections + CLI flags, typed and checked), its
 backend (the model family named by model.backend), the models it needs (checked before any work),
-its input files (prompts, pair manifests), its output folder (one run at a time, a rerun skips what
-is done and resumes the rest, results of another config kept aside) and its sharded work.
+its input files (prompts, pair manifests), its sharded work and what it spent. What its results
+are made from, and its output folder, are provenance.py's.
 """
 
 import argparse
 import collections
+import collections.abc
 import contextlib
 import csv
-import fcntl
-import glob
 import importlib
+import io
 import json
 import os
 import pkgutil
 import re
+import reprlib
 import resource
-import shutil
-import socket
 import sys
 import time
 from pathlib import Path
 
 import torch
 import yaml
-from accelerate.utils import broadcast_object_list, gather_object
+from accelerate.utils import gather_object
 from huggingface_hub import constants, hf_hub_download
 from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
                                     RevisionNotFoundError)
 
 from tqdm.auto import tqdm
 
-from common import ConfigError, atomic_write_json, atomic_write_text
+from common import ConfigError, atomic_write_json, atomic_write_text, intact
 
 # -----------------------------------------------------------------------------
 # Configuration: one YAML per model with a section per stage, CLI flags override it.
@@ -45,7 +44,7 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 MODEL_OPTIONS = {
     "backend": ("animatediff", "model family: a module of backends/ (animatediff, videocrafter2, world, ...) "
                                "or any importable module with the same interface"),
-    "pretrained_model_name_or_path": (None, "the base model: hub id or local folder"),
+    "pretrained_model_name_or_path": (None, "the base model: hub id or local folder", {"input": True}),
     "cache_dir": (None, "where hub downloads go (default: the Hugging Face cache, HF_HOME)"),
     "revision": (None, "hub revision (branch, tag or commit) of pretrained_model_name_or_path"),
     "build_tiny": (False, "build random tiny models at the configured paths when missing (tests, CPU demo); "
@@ -62,6 +61,16 @@ MODEL_OPTIONS = {
     "teacher_cache": (None, "a folder where M0's videos, latents and scores are kept for reuse by every stage "
                             "(vip_loop.sh: <run>/teacher; teacher_cache.py); default: none kept"),
 }
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlist = _REPR.maxdict = 6
+
+
+def _short(value):
+    """A value as an error message shows it: bounded, however large the value."""
+    return _REPR.repr(value)
 
 
 def _rule(option):
@@ -85,12 +94,12 @@ def _coerce(value, option, where, from_cli=False):
             return value.lower() in ("true", "1", "yes")
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        raise ConfigError(f"{where}: expected true or false, got {_short(value)}")
     if kind is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string (a path, name or id; quote it in YAML), got {value!r}")
+            raise ConfigError(f"{where}: expected a string (a path, name or id; quote it in YAML), got {_short(value)}")
         if "choices" in rule and value not in rule["choices"]:
-            raise ConfigError(f"{where}: expected one of {', '.join(rule['choices'])}; got {value!r}")
+            raise ConfigError(f"{where}: expected one of {', '.join(rule['choices'])}; got {_short(value)}")
         return value
     if kind == "per_stage":  # one number, or a list of one a stage
         items = value if isinstance(value, list) else [value]
@@ -101,7 +110,7 @@ def _coerce(value, option, where, from_cli=False):
         bad = [v for v in value if not isinstance(v, str) or ("choices" in rule and v not in rule["choices"])]
         if bad:
             expected = f"a list of {', '.join(rule['choices'])}" if "choices" in rule else "a list of strings"
-            raise ConfigError(f"{where}: expected {expected}; got {bad[0]!r} in {value!r}")
+            raise ConfigError(f"{where}: expected {expected}; got {_short(bad[0])} in {_short(value)}")
         return value
     try:
         if isinstance(value, bool) or isinstance(value, (list, dict)):
@@ -115,11 +124,11 @@ def _coerce(value, option, where, from_cli=False):
             if number != number:  # NaN passes every comparison below
                 raise ValueError
     except (TypeError, ValueError):
-        raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}") from None
+        raise ConfigError(f"{where}: expected {kind.__name__}, got {_short(value)}") from None
     for bound, ok, words in (("min", lambda x, b: x >= b, "at least"), ("max", lambda x, b: x <= b, "at most"),
                              ("gt", lambda x, b: x > b, "above"), ("lt", lambda x, b: x < b, "below")):
         if bound in rule and not ok(number, rule[bound]):
-            raise ConfigError(f"{where}: expected a number {words} {rule[bound]}; got {value!r}")
+            raise ConfigError(f"{where}: expected a number {words} {rule[bound]}; got {_short(value)}")
     return number
 
 
@@ -128,19 +137,19 @@ def _as_list(value, where, from_cli):
         if len(value) > 1:
             return list(value)
         value = value[0]
-        if value.startswith("["):  # a YAML flow list, e.g. --aspects '[visual_quality, dynamic_degree]'
+        if value.startswith("[") and not os.path.exists(value):  # a YAML flow list: --aspects '[a, b]'
             try:
-                parsed = yaml.safe_load(value)
+                parsed = yaml.load(value, _ConfigLoader)
             except yaml.YAMLError:
                 parsed = None
             if not isinstance(parsed, list):
-                raise ConfigError(f"{where}: not a valid YAML list: {value!r}; give the values separated by spaces")
+                raise ConfigError(f"{where}: not a valid YAML list: {_short(value)}; give the values separated by spaces")
             return parsed
     if isinstance(value, str):
         # One path that exists is one value, commas and all; otherwise comma-separated values.
         return [value] if os.path.exists(value) else [v for v in value.split(",") if v]
     if not isinstance(value, list):
-        raise ConfigError(f"{where}: expected a list, got {value!r}")
+        raise ConfigError(f"{where}: expected a list, got {_short(value)}")
     return value
 
 
@@ -151,17 +160,21 @@ def parse_config(argv, description, sections):
     Precedence: CLI flag > YAML value > default. Unknown YAML sections or keys are an error that
     lists the valid ones. Keys are unique across sections so flags can stay flat, as in diffusers.
     A rule may give "type" (for a None default; else the default's type; "per_stage": a number or
-    one a stage), "choices", and bounds "min", "max" (inclusive), "gt", "lt" (exclusive). A "model" section gets the options of the
-    backend that the CLI or the YAML names.
+    one a stage), "choices", bounds "min", "max" (inclusive), "gt", "lt" (exclusive), and "input":
+    the value names a file, folder or model whose contents the results depend on (`ns._inputs`;
+    provenance.py identifies it by them). A "model" section gets the options of the backend that the
+    CLI or the YAML names; where the backend gives a shared key another default, the key keeps its rule.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config"), pre.add_argument("--backend")
     early = pre.parse_known_args(argv)[0]
-    data = _read_config(early.config) if early.config else {}
+    data = read_config(early.config) if early.config else {}
     if "model" in sections:
-        name = early.backend or (data.get("model") or {}).get("backend") or sections["model"]["backend"][0]
-        sections = {**sections, "model": {**sections["model"], **load_backend(name).OPTIONS}}
+        name = early.backend or data.get("model", {}).get("backend") or sections["model"]["backend"][0]
+        shared = sections["model"]
+        sections = {**sections, "model": {**shared, **{k: o if len(o) > 2 or len(shared.get(k, ())) < 3 else (*o, shared[k][2])
+                                                       for k, o in load_backend(name).OPTIONS.items()}}}
 
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=str, default=None, help="YAML config (configs/<model>.yaml)")
@@ -175,12 +188,8 @@ def parse_config(argv, description, sections):
 
     values = {}
     for section, body in data.items():
-        if section not in SECTIONS:
-            raise ConfigError(f"{cli.config}: unknown section '{section}'; valid sections: {', '.join(SECTIONS)}")
         if section not in sections:
             continue  # another stage's settings
-        if not isinstance(body, dict):
-            raise ConfigError(f"{cli.config}: section '{section}' must be a mapping of key: value")
         for key, value in body.items():
             if key not in sections[section]:
                 raise ConfigError(f"{cli.config}: unknown key '{section}.{key}'; valid keys: "
@@ -189,6 +198,7 @@ def parse_config(argv, description, sections):
 
     ns = argparse.Namespace(config=cli.config)
     ns._sections = {}
+    ns._inputs = {key for options in sections.values() for key, option in options.items() if _rule(option)[1].get("input")}
     ns._cli = {key for options in sections.values() for key in options if getattr(cli, key) is not None}
     for section, options in sections.items():
         ns._sections[section] = {}
@@ -201,16 +211,49 @@ def parse_config(argv, description, sections):
     return ns
 
 
-def _read_config(path):
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML as a config needs it: no aliases (nested ones expand exponentially) and no key given
+    twice in one mapping (the last would silently win: a second `train:` replacing the first)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.MarkedYAMLError(problem=f"an alias (*{event.anchor[:40]}); write the value out",
+                                       problem_mark=event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, collections.abc.Hashable) and key in seen:
+                raise yaml.MarkedYAMLError(problem=f"{_short(key)} is given twice", problem_mark=key_node.start_mark)
+            if isinstance(key, collections.abc.Hashable):
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_config(path):
+    """A config file's sections ({section: {key: value}}), checked for shape, not yet for values."""
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
+        with open(path, encoding="utf-8-sig") as f:
+            data = yaml.load(f, _ConfigLoader) or {}
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: cannot read config (not UTF-8 text)") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML ({getattr(e, 'problem', None) or str(e).splitlines()[0]}{where})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections {list(SECTIONS)}")
+    data = {section: {} if body is None else body for section, body in data.items()}
+    for section, body in data.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{path}: unknown section {_short(section)}; valid sections: {', '.join(SECTIONS)}")
+        if not isinstance(body, dict) or not all(isinstance(k, str) for k in body):
+            raise ConfigError(f"{path}: section '{section}' must be a mapping of key: value; got {_short(body)}")
     return data
 
 
@@ -231,9 +274,15 @@ BACKEND_NAMES = ("OPTIONS", "STUDENT_KEYS", "TABLE", "TRAINABLE", "required_mode
                  "objective", "enable_checkpointing", "predict", "prunable_blocks", "denoise_inputs")
 
 
+BACKEND = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", re.ASCII)
+
+
 def load_backend(name):
     """The module of a model family: backends/<name>.py, or a module of that (dotted) name on the
     path. The one place a backend's name becomes code: nothing else compares names."""
+    if not isinstance(name, str) or not BACKEND.fullmatch(name):
+        raise ConfigError(f"model.backend: expected a module name such as animatediff (letters, digits, _ and "
+                          f"dots); got {_short(name)}")
     for module in [name] if "." in name else [f"backends.{name}", name]:
         try:
             backend = importlib.import_module(module)
@@ -297,11 +346,12 @@ def require_model(name, files, where, what, cache_dir=None, revision=None, large
             raise ConfigError(f"{where}: {name} has no file {f} on the hub; expected {what}") from None
 
 
-def check_models(args, needed):
+def check_models(args, needed, build=()):
     """Every model in `needed` (dicts: where, name, files, what, and optionally revision, large and
     tiny) is there: a local folder with its files, or a hub id that is cached or downloadable. One
-    marked tiny, with build_tiny set, will be built instead, so it must name a local path: a random
-    model written at a hub id would later pass for the real one."""
+    marked tiny, with build_tiny set, is built instead by `build` (functions of args, each building
+    what is missing), so it must name a local path: a random model written at a hub id would later
+    pass for the real one. Built here, before anything identifies the models by their contents."""
     for m in needed:
         if args.build_tiny and m.get("tiny"):
             if not is_local_path(m["name"]):
@@ -310,6 +360,9 @@ def check_models(args, needed):
             continue
         require_model(m["name"], m["files"], m["where"], m["what"], cache_dir=args.cache_dir,
                       revision=m.get("revision"), large=m.get("large", ()))
+    if args.build_tiny:
+        for builder in build:
+            builder(args)
 
 
 # -----------------------------------------------------------------------------
@@ -318,15 +371,17 @@ def check_models(args, needed):
 
 def read_prompts(path):
     """Prompts from a text file (one a line), JSONL ({"prompt": ...} a line) or CSV with a
-    `prompt` column (VidProM's export has one)."""
+    `prompt` column (VidProM's export has one; Excel's starts with a byte-order mark, dropped here).
+    Lines end at \\n, \\r\\n or \\r only; any other whitespace in a prompt, a quoted CSV cell's line
+    breaks included, becomes one space."""
 
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read prompts ({getattr(e, 'strerror', None) or e})") from None
     if str(path).endswith(".jsonl"):
         prompts = []
-        for i, line in enumerate(text.splitlines(), 1):
+        for i, line in enumerate(_lines(text), 1):
             if not line.strip():
                 continue
             try:
@@ -337,16 +392,24 @@ def read_prompts(path):
             if prompts[-1] is None:
                 raise ConfigError(f"{path}:{i}: expected a JSON object with a 'prompt' string")
     elif str(path).endswith(".csv"):
-        reader = csv.DictReader(text.splitlines())
-        if "prompt" not in (reader.fieldnames or []):
-            raise ConfigError(f"{path}: expected a CSV header with a 'prompt' column; got {reader.fieldnames}")
-        prompts = [row["prompt"] for row in reader]
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        try:
+            if "prompt" not in (reader.fieldnames or []):
+                raise ConfigError(f"{path}: expected a CSV header with a 'prompt' column; got {_short(reader.fieldnames)}")
+            prompts = [row["prompt"] for row in reader]
+        except csv.Error as e:
+            raise ConfigError(f"{path}:{reader.line_num}: not valid CSV ({e})") from None
     else:
-        prompts = text.splitlines()
+        prompts = _lines(text)
     prompts = [" ".join(p.split()) for p in prompts if p and p.strip()]
     if not prompts:
         raise ConfigError(f"{path}: no prompts; expected one prompt a line, or JSONL/CSV with a 'prompt' field")
     return prompts
+
+
+def _lines(text):
+    # str.splitlines also splits at form feeds, U+2028 and other separators a prompt or JSON string may hold
+    return re.split(r"\r\n|\r|\n", text)
 
 
 MANIFEST_KEYS = ("id", "prompt", "seed", "winner", "loser", "latents", "winner_scores", "loser_scores")
@@ -393,162 +456,32 @@ def read_manifest(path):
 
 
 # -----------------------------------------------------------------------------
-# The output folder: skip when done, resume otherwise, one run at a time, nothing lost.
+# Sharded work: every process a share of the items, each result a file.
 
 
-# Keys that change how a run goes, not what it makes: a rerun differing only in them resumes.
-RUN_ONLY_KEYS = {"output_dir", "resume_from_checkpoint", "report_to", "logging_steps", "checkpointing_steps",
-                 "validation_steps", "validation_prompts", "num_validation_videos",
-                 "checkpoints_total_limit", "dataloader_num_workers", "generation_batch_size", "reward_batch_size",
-                 "teacher_cache"}
-
-
-def what_it_makes(config, ignore=(), keys=None):
-    """The config without the keys that do not change the artifacts; paths that exist as the files
-    they name (the same folder through a symlink is the same input). With `keys` ({section: keys}),
-    only those: a key this version no longer has cannot change what it makes."""
-    skip = RUN_ONLY_KEYS | set(ignore)
-    keys = keys or {s: list(body) for s, body in config.items()}
-    return {s: {k: _same_file((config.get(s) or {}).get(k, "<unset>")) for k in keys[s] if k not in skip} for s in keys}
-
-
-def _same_file(value):
-    if isinstance(value, list):
-        return [_same_file(v) for v in value]
-    return os.path.realpath(value) if isinstance(value, str) and value and os.path.exists(value) else value
-
-
-def _saved_config(output_dir):
-    try:
-        with open(os.path.join(output_dir, "config.yaml")) as f:
-            saved = yaml.safe_load(f)
-        return saved if isinstance(saved, dict) and all(isinstance(v, dict) for v in saved.values()) else None
-    except (OSError, yaml.YAMLError):
-        return None
-
-
-def config_matches(output_dir, args, ignore=()):
-    """True when `output_dir/config.yaml` was written for a config that makes the same artifacts
-    (keys in `ignore` aside)."""
-    saved, current = _saved_config(output_dir), config_dict(args)
-    return saved is not None and what_it_makes(saved, ignore, current) == what_it_makes(current, ignore)
-
-
-def stage_done(output_dir, args, final_artifact):
-    """True when `final_artifact` exists and was made with this config: the rerun skips. Reads only."""
-    return config_matches(output_dir, args) and os.path.exists(os.path.join(output_dir, final_artifact))
-
-
-def _config_changes(saved, args, ignore=()):
-    current = config_dict(args)
-    old, new = what_it_makes(saved or {}, ignore, current), what_it_makes(current, ignore)
-    keys = [f"{s}.{k}" for s in new for k in new[s] if (old.get(s) or {}).get(k, "<unset>") != new[s][k]]
-    return ", ".join(keys[:4]) + (" ..." if len(keys) > 4 else "") if keys else "unknown config"
-
-
-_LOCKS = {}  # output folder -> open lock file: the lock lives as long as the process
-
-
-def lock_folder(folder):
-    """One run per output folder: an exclusive lock on `folder/.lock`, released when the process
-    ends, however it ends. A second run gets a ConfigError naming the holder."""
-
-    folder = os.path.abspath(folder)
-    if folder in _LOCKS:
-        return
-    f = open(os.path.join(folder, ".lock"), "a+")
-    for attempt in range(50):  # a few seconds, in which a just-killed holder finishes exiting
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except OSError:
-            time.sleep(0.1)
-    else:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise ConfigError(f"{folder}: in use by {holder}; wait for it to finish or stop it, "
-                          f"or use another --output_dir") from None
-    f.seek(0), f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()} ({' '.join(sys.argv)[:200]})\n")
-    f.flush()
-    _LOCKS[folder] = f
-
-
-def _remove_temporaries(folder):
-    """What killed runs left: files named by tmp_name (.x.tmp<pid>.ext) and folders named *.tmp.
-    Under the folder's lock no other process writes here, so every one of them is stale."""
-
-    stale = re.compile(r"^\..+\.tmp\d+(\.\w+)?$")
-    for root, dirs, files in os.walk(folder):
-        if root == folder and "replaced" in dirs:
-            dirs.remove("replaced")
-        for d in [d for d in dirs if d.endswith(".tmp")]:
-            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
-            dirs.remove(d)
-        for name in files:
-            if stale.match(name):
-                os.remove(os.path.join(root, name))
-
-
-def start_stage(accelerator, output_dir, args, results, work=(), work_ignores=(), final=None):
-    """Take `output_dir` for this run, once its inputs are checked: lock it, remove what killed runs
-    left half-written, and write the resolved config beside the outputs.
-
-    Results (glob patterns of what the stage writes) made under another config are moved aside to
-    replaced/<time>/, never deleted, and said so. Where the configs differ only in `work_ignores`,
-    the per-item `work` is kept (it is still valid) and only `final`, the file that marks the stage
-    done, is removed. Every process calls this; the main one acts, and its error is everyone's.
-    Returns the replaced/<time> folder results were moved to, or None."""
-
-    error = aside = None
-    if accelerator.is_main_process:
-        try:
-            os.makedirs(output_dir, exist_ok=True)
-            lock_folder(output_dir)
-            _remove_temporaries(output_dir)
-            if not config_matches(output_dir, args):
-                keep = set(work) if config_matches(output_dir, args, work_ignores) else set()
-                found = [p for pattern in results if pattern not in keep
-                         for p in glob.glob(os.path.join(glob.escape(output_dir), pattern))]
-                if keep:
-                    for path in found:
-                        if os.path.basename(path) == final:
-                            os.remove(path)
-                elif found:
-                    saved = _saved_config(output_dir)
-                    aside = os.path.join(output_dir, "replaced", time.strftime("%Y%m%d-%H%M%S"))
-                    while os.path.exists(aside):
-                        aside += "+"
-                    config = os.path.join(output_dir, "config.yaml")
-                    for path in found + [config] * os.path.exists(config):
-                        dest = os.path.join(aside, os.path.relpath(path, output_dir))
-                        os.makedirs(os.path.dirname(dest), exist_ok=True)
-                        shutil.move(path, dest)
-                    print(f"{output_dir}: made with another config ({_config_changes(saved, args)}); "
-                          f"its results are kept in {aside}", file=sys.stderr)
-            save_config(args, os.path.join(output_dir, "config.yaml"))
-        except ConfigError as e:
-            error = str(e)
-    if accelerator.num_processes > 1:
-        error, aside = broadcast_object_list([error, aside])
-    if error:
-        raise ConfigError(error)
-    return aside
-
-
-def run_items(items, work, out_path, accelerator, desc, batch_size=1):
+def run_items(items, work, out_path, accelerator, desc, batch_size=1, files_root=None):
     """Resumable sharded work: this process takes items[rank::world] (dicts with a unique "id") in
-    chunks of `batch_size`, skips chunks whose result files all exist, and calls `work(chunk) ->
+    chunks of `batch_size`, skips chunks whose items are all done, and calls `work(chunk) ->
     [result]` on the others. Each result lands in `out_path(id)` as JSON, atomically: the files
-    are the gather. The chunks are the same however often the run was killed, so a resumed run
-    batches (and so computes, to the last bit) exactly what an uninterrupted one does. Returns
-    every item's result, on every process, once all processes are done."""
+    are the gather. An item is done when its result is there and, with `files_root`, the files its
+    result lists under "files" ({path relative to files_root: bytes}) are whole: a deleted video or
+    latents file is made again. The chunks are the same however often the run was killed, so a
+    resumed run batches (and so computes, to the last bit) exactly what an uninterrupted one does.
+    Returns every item's result, on every process, once all processes are done."""
+
+    def finished(item):
+        try:
+            result = json.loads(Path(out_path(item["id"])).read_text())
+        except (OSError, ValueError):
+            return False
+        return files_root is None or intact(files_root, result.get("files", {}))
+
     mine = items[accelerator.process_index::accelerator.num_processes]
     chunks = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
-    todo = [c for c in chunks if not all(os.path.exists(out_path(it["id"])) for it in c)]
-    done = sum(os.path.exists(out_path(it["id"])) for it in items)
-    accelerator.print(f"{desc}: {len(items)} items on {accelerator.num_processes} process(es), {done} already done")
+    todo = [c for c in chunks if not all(finished(it) for it in c)]
+    done = len(mine) - sum(map(len, todo))
+    shard = "" if accelerator.num_processes == 1 else f" of this process's {len(mine)}"
+    accelerator.print(f"{desc}: {len(items)} items on {accelerator.num_processes} process(es), {done}{shard} already done")
     bar = tqdm(total=len(mine), initial=len(mine) - sum(map(len, todo)), desc=desc,
                disable=not accelerator.is_main_process)
     try:

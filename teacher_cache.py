@@ -3,37 +3,42 @@ scores for a (prompt, seed) are kept and reused by every stage's block scan and 
 winners) and by every evaluation (the teacher's rows).
 
 They live in `<teacher_cache>/<key>/`, one safetensors file a (prompt, seed), written atomically;
-processes share them through the files. `key` is a digest of every model and reward setting that
-changes a video or its scores, so another setting makes (and keeps) another set beside the old one.
-vip_loop.sh passes `--teacher_cache <run>/teacher`; without the flag nothing is kept.
+processes share them through the files. `key` is a digest of the model and reward sections of what
+a step is made from (provenance.made_from): every setting that changes a video or its scores, and
+the contents of the teacher's and the reward's weights (a teacher trained again at its path, or a
+hub revision that moved, is another key), so another teacher makes (and keeps) another set beside
+the old one. vip_loop.sh passes `--teacher_cache <run>/teacher`; without the flag nothing is kept.
 """
 
+import contextlib
 import hashlib
 import json
 import os
+import sys
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 import common
-import stage
 
-def settings_key(args):
-    """A digest of what makes M0's videos and their scores: the model and reward sections."""
-    config = stage.config_dict(args)
-    made = stage.what_it_makes({s: config[s] for s in ("model", "reward") if s in config})
-    return hashlib.sha256(json.dumps(made, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+def settings_key(made):
+    """A digest of what makes M0's videos and their scores: the model and reward sections of `made`."""
+    settings = {s: made[s] for s in ("model", "reward") if s in made}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16], settings
 
 
 class TeacherCache:
-    def __init__(self, args):
-        self.folder = os.path.join(args.teacher_cache, settings_key(args)) if args.teacher_cache else None
-        if self.folder:
+    def __init__(self, args, made):
+        """`made`: provenance.made_from(args), what the videos of `args` are made from."""
+        self.folder = None
+        if args.teacher_cache:
+            key, settings = settings_key(made)
+            self.folder = os.path.join(args.teacher_cache, key)
             os.makedirs(self.folder, exist_ok=True)
-            config = stage.config_dict(args)
-            common.atomic_write_json(os.path.join(self.folder, "settings.json"),
-                                     {s: config[s] for s in ("model", "reward") if s in config})
+            common.remove_stale_temporaries(self.folder)  # what killed writers left; live ones' are theirs
+            common.atomic_write_json(os.path.join(self.folder, "settings.json"), settings)
 
     def path(self, prompt, seed):
         return os.path.join(self.folder, f"{hashlib.sha1(prompt.encode()).hexdigest()[:16]}_{seed}.safetensors")
@@ -43,11 +48,18 @@ class TeacherCache:
         path = self.folder and self.path(prompt, seed)
         if not path or not os.path.exists(path):
             return None
-        with safe_open(path, "pt") as f:
-            meta = f.metadata()
-            if meta.get("prompt") != prompt:  # a digest collision: make it again
-                return None
-            return f.get_tensor("frames").numpy(), f.get_tensor("latents"), json.loads(meta["scores"])
+        try:
+            with safe_open(path, "pt") as f:
+                meta = f.metadata()
+                if meta.get("prompt") != prompt:  # a digest collision: make it again
+                    return None
+                return f.get_tensor("frames").numpy(), f.get_tensor("latents"), json.loads(meta["scores"])
+        except Exception as e:  # cut short or damaged outside vip: written whole or not at all here
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+            print(f"teacher cache: {path} cannot be read ({reason}); making it again", file=sys.stderr)
+            with contextlib.suppress(OSError):
+                os.remove(path)
+            return None
 
     def save(self, prompt, seed, frames, latents, scores):
         if self.folder:

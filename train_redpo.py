@@ -37,12 +37,14 @@ from tqdm.auto import tqdm
 
 import common
 import models
+import provenance
 import stage
 
 OPTIONS = {
     "output_dir": (None, "where the trained student, checkpoints and logs go"),
-    "student": (None, "student to train: a folder from prune.py (student/)"),
-    "pairs": ([], "pair manifest(s) from curate.py (pairs.jsonl); several: space- or comma-separated, or a YAML list"),
+    "student": (None, "student to train: a folder from prune.py (student/)", {"input": True}),
+    "pairs": ([], "pair manifest(s) from curate.py (pairs.jsonl); several: space- or comma-separated, or a YAML list",
+              {"input": True}),
     "trainable": ("motion_modules", "what trains, as the backend names its parts: motion_modules (AnimateDiff's "
                                     "motion modules; VideoCrafter2's temporal layers) | unet"),
     "loss_type": ("redpo", "redpo | dpo (w/o SFT) | sft (w/o DPO)", {"choices": common.LOSS_TYPES}),
@@ -281,7 +283,7 @@ def main(args):
     if args.trainable not in backend.TRAINABLE:
         raise common.ConfigError(f"train.trainable: expected one of {', '.join(backend.TRAINABLE)} for backend "
                                  f"{args.backend}; got {args.trainable!r}")
-    stage.check_models(args, backend.required_models(args))
+    stage.check_models(args, backend.required_models(args), build=(backend.build_tiny,))
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -289,8 +291,10 @@ def main(args):
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
-    if stage.stage_done(args.output_dir, args, "student/student.json"):
-        accelerator.print(f"train: {args.output_dir}/student is done with this config; skipping")
+    with accelerator.main_process_first():  # the first to digest a model keeps the digest for the others
+        made = provenance.made_from(args)
+    if provenance.done(args.output_dir, made):
+        accelerator.print(f"train: {args.output_dir} is done from this config and these inputs; skipping")
         return
     set_seed(args.seed)
 
@@ -312,8 +316,8 @@ def main(args):
         text_encoder.to(accelerator.device)
     objective = backend.objective(args)  # noising, timesteps and target: DDPM or flow matching
 
-    aside = stage.start_stage(accelerator, args.output_dir, args,
-                               ["student", "checkpoint-*", "metrics.jsonl", "logs", "validation", "cost.json"])
+    aside = provenance.start(accelerator, args.output_dir, made, args,
+                             ["student", "checkpoint-*", "metrics.jsonl", "logs", "validation", "cost.json"])
     if resume not in (None, "latest") and not os.path.isdir(resume) and aside:  # moved aside with the rest
         resume = os.path.join(aside, os.path.relpath(resume, os.path.abspath(args.output_dir)))
 
@@ -437,6 +441,8 @@ def main(args):
         print(f"train: saved {args.output_dir}/student after {global_step} steps")
         log.close()
     cost.write(accelerator, args.output_dir)
+    if accelerator.is_main_process:
+        provenance.finish(args.output_dir, made, ["student"])
     # DDP's reducer holds the process group and, freed at return, would destroy it holding the GIL
     # while gloo's threads may still need the GIL to drop the ledger's gathered tensors: a deadlock
     # (pytorch/pytorch#56297). Freed here, the group goes in end_training, which lets go of the GIL.

@@ -9,8 +9,10 @@
 #
 # Env: LAUNCH (how each script starts; default "python"), RUN_DIR (default runs/<MODEL>, or
 # runs/<MODEL>-offline), CONFIG (default configs/<MODEL>.yaml), TEACHER_CACHE (where M0's videos are
-# kept for every stage; default <RUN_DIR>/teacher). Every stage skips what it already finished, so a
-# killed run is finished by running the same command again. It ends with the run's cost (ledger.py).
+# kept for every stage; default <RUN_DIR>/teacher); paths given are taken from the caller's folder.
+# Every step skips what it finished from the same config and inputs, and redoes what depends on
+# anything changed since, so a killed or changed run is finished by running the same command again.
+# It ends with the run's cost (ledger.py).
 set -euo pipefail
 
 usage() { echo "usage: bash vip_loop.sh MODEL STAGES [--offline]   (MODEL: a configs/<MODEL>.yaml)" >&2; exit 2; }
@@ -24,9 +26,15 @@ for arg in "$@"; do
     *) usage ;;
   esac
 done
-[[ $stages =~ ^[1-9][0-9]*$ ]] || { echo "error: STAGES must be a positive integer; got '$stages'" >&2; exit 2; }
+[[ $stages =~ ^[1-9][0-9]{0,2}$ ]] || { echo "error: STAGES must be a whole number from 1 to 999; got '$stages'" >&2; exit 2; }
 # MODEL names a config and the run folder under runs/: a name, never a path.
 [[ $model =~ ^[A-Za-z0-9_][A-Za-z0-9_.-]*$ ]] || { echo "error: MODEL must be a config name such as tiny (letters, digits, _ . -); got '$model'" >&2; exit 2; }
+# What the caller names is the caller's: paths resolved before the loop moves to its own folder.
+caller=$PWD
+from_caller() { case $1 in /*) printf '%s' "$1" ;; *) printf '%s' "$caller/$1" ;; esac; }
+[ -z "${CONFIG:-}" ] || CONFIG=$(from_caller "$CONFIG")
+[ -z "${RUN_DIR:-}" ] || RUN_DIR=$(from_caller "$RUN_DIR")
+[ -z "${TEACHER_CACHE:-}" ] || TEACHER_CACHE=$(from_caller "$TEACHER_CACHE")
 cd "$(dirname "$0")"
 config=${CONFIG:-configs/$model.yaml}
 [ -f "$config" ] || { echo "error: $config: no such config; models: $(ls configs/*.yaml | xargs -n1 basename | sed 's/.yaml$//' | tr '\n' ' ')" >&2; exit 2; }
@@ -49,7 +57,8 @@ students=()       # every student so far, for the evaluation table
 for ((k = 1; k <= stages; k++)); do
   stage="$run/stage_$k"
   echo "== stage $k/$stages: $stage"
-  "${launch[@]}" prune.py --config "$config" --output_dir "$stage/prune" "${student[@]}" --teacher_cache "$teacher"
+  "${launch[@]}" prune.py --config "$config" --output_dir "$stage/prune" "${student[@]}" --teacher_cache "$teacher" \
+    --num_stages "$stages"
 
   if [ $offline = 1 ] && [ $k -gt 1 ]; then
     pairs="$run/stage_1/curate/pairs.jsonl"

@@ -21,7 +21,8 @@ from common import replace_folder, tmp_name
 OPTIONS = {
     "pretrained_model_name_or_path": ("stable-diffusion-v1-5/stable-diffusion-v1-5",
                                       "SD1.5 base: hub id or local folder (unet, vae, text_encoder, tokenizer, scheduler)"),
-    "motion_adapter": ("guoyww/animatediff-motion-adapter-v1-5-2", "motion adapter: hub id or local folder"),
+    "motion_adapter": ("guoyww/animatediff-motion-adapter-v1-5-2", "motion adapter: hub id or local folder",
+                       {"input": True}),
 }
 STUDENT_KEYS = ("pretrained_model_name_or_path", "motion_adapter")  # a student's base model, beside the backend
 TABLE = {"blocks": "Motion params", "blocks_are": "the motion modules (the paper's count)", "denoiser": "UNet"}

@@ -511,7 +511,7 @@ OPTIONS = {
     "pretrained_model_name_or_path": ("weights/videocrafter2", "the converted model: a folder written by convert "
                                                                "(converted from checkpoint on first use)"),
     "checkpoint": ("VideoCrafter/VideoCrafter2", "the official model.ckpt (hub repo id or path), converted once into "
-                                                 "pretrained_model_name_or_path"),
+                                                 "pretrained_model_name_or_path", {"input": True}),
 }
 STUDENT_KEYS = ("pretrained_model_name_or_path",)
 TABLE = {"blocks": "Block params", "blocks_are": "the prunable blocks", "denoiser": "UNet"}

@@ -39,8 +39,11 @@ def test_curate_on_two_processes_matches_one(fast_config, stage, tmp_path):
     assert "curate: pairs: 4 items on 2 process(es)" in result.stdout
     one = (stage / "curate" / "candidates.jsonl").read_text().splitlines()
     two = (out / "candidates.jsonl").read_text().splitlines()
-    strip = lambda rows: [{k: v for k, v in json.loads(r).items() if "scores" not in k} for r in rows]  # noqa: E731
+    # Scores, and the files' sizes and digests, up to float noise across batch shapes.
+    strip = lambda rows: [{k: v for k, v in json.loads(r).items() if k not in ("files", "latents_sha256")  # noqa: E731
+                           and "scores" not in k} for r in rows]
     assert strip(two) == strip(one)
+    assert [json.loads(r)["files"].keys() for r in two] == [json.loads(r)["files"].keys() for r in one]
     for a, b in zip(one, two):  # same videos, same scores, up to float noise across batch shapes
         for key in ("winner_scores", "loser_scores"):
             assert json.loads(b)[key] == pytest.approx(json.loads(a)[key], abs=1e-3)
@@ -51,18 +54,18 @@ def test_train_on_two_processes(fast_config, stage, tmp_path):
     result = run_script(*LAUNCH2, *train_cmd(fast_config, stage, out, "--train_batch_size", "1")[1:], env=CPU)
     assert "effective batch 2 pairs" in result.stdout + result.stderr
     assert sorted(os.listdir(out)) == [".lock", "checkpoint-2", "checkpoint-4", "config.yaml", "cost.json", "logs",
-                                       "metrics.jsonl", "student"]
+                                       "metrics.jsonl", "provenance.json", "student"]
     spent = json.loads((out / "cost.json").read_text())[-1]  # the ledger sums both processes' calls
     assert spent["processes"] == 2 and spent["denoiser_calls/teacher"] == 4 * 2 * 2  # steps x processes x 2 videos
     assert json.loads((out / "student" / "student.json").read_text())["steps"] == 4
 
 
 # What travels with train_redpo.py into another project (README, "Copying the trainer").
-TRAINER_FILES = ("train_redpo.py", "common.py", "stage.py", "models.py", "backends/animatediff.py")
+TRAINER_FILES = ("train_redpo.py", "common.py", "stage.py", "provenance.py", "models.py", "backends/animatediff.py")
 
 
-def test_train_redpo_and_its_four_files_alone_train_in_another_project(fast_config, stage, tmp_path):
-    """Users copy train_redpo.py into their own projects with the four files the README names: they alone train."""
+def test_train_redpo_and_its_five_files_alone_train_in_another_project(fast_config, stage, tmp_path):
+    """Users copy train_redpo.py into their own projects with the five files the README names: they alone train."""
     assert all(f"`{name}`" in (ROOT / "README.md").read_text() for name in TRAINER_FILES)
     project = tmp_path / "their project"
     (project / "backends").mkdir(parents=True)

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 import yaml
 
+import provenance
 import rewards
 import stage
 import teacher_cache
@@ -50,15 +51,16 @@ def test_stage_2_makes_no_teacher_video_and_keeps_the_same_pairs(fast_config, tm
 def test_another_generation_setting_is_another_set_of_teacher_videos(fast_config, tmp_path):
     args = stage.parse_config(["--config", fast_config, "--teacher_cache", str(tmp_path / "teacher")], "",
                               {"model": stage.MODEL_OPTIONS, "reward": rewards.OPTIONS})
-    cache = teacher_cache.TeacherCache(args)
+    cache = teacher_cache.TeacherCache(args, provenance.made_from(args))
     frames = np.zeros((4, 64, 64, 3), dtype=np.uint8)
     cache.save("a cat", 3, frames, torch.zeros(4, 4, 8, 8), {"visual_quality": 2.5})
     assert cache.load("a cat", 3)[2] == {"visual_quality": 2.5} and cache.load("a cat", 4) is None
     for key, value in (("num_inference_steps", 5), ("guidance_scale", 2.0), ("reward", "world")):
-        other = teacher_cache.TeacherCache(argparse.Namespace(**{**vars(args), key: value}))
+        other_args = argparse.Namespace(**{**vars(args), key: value})
+        other = teacher_cache.TeacherCache(other_args, provenance.made_from(other_args))
         assert other.folder != cache.folder and other.load("a cat", 3) is None, key
-    same = teacher_cache.TeacherCache(argparse.Namespace(**{**vars(args), "generation_batch_size": 1,
-                                                            "output_dir": "elsewhere"}))
+    same_args = argparse.Namespace(**{**vars(args), "generation_batch_size": 1, "output_dir": "elsewhere"})
+    same = teacher_cache.TeacherCache(same_args, provenance.made_from(same_args))
     assert same.folder == cache.folder  # how a run goes is not what it makes
 
 

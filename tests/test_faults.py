@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import common
+import provenance
 import stage
 import curate
 import evaluate
@@ -196,7 +197,7 @@ def test_bad_input_on_a_rerun_leaves_finished_work_as_it_was(fast_config, tiny_s
     # A config that really changes the result: the old one is moved aside, whole, and said so.
     prune.main(prune.parse_args(["--config", fast_config, "--output_dir", str(prune_dir), "--num_blocks", "2"]))
     err = capsys.readouterr().err
-    assert "made with another config (prune.num_blocks)" in err and "its results are kept in" in err
+    assert "made from another config or other inputs (prune.num_blocks)" in err and "its results are kept in" in err
     aside, = (prune_dir / "replaced").iterdir()
     assert snapshot(aside) == before
     assert len(json.loads((prune_dir / "ranking.json").read_text())["chosen"]) == 2
@@ -205,7 +206,7 @@ def test_bad_input_on_a_rerun_leaves_finished_work_as_it_was(fast_config, tiny_s
 def test_two_runs_on_one_folder_the_second_names_the_first(fast_config, tiny_stage, pairs3, tmp_path):
     out = tmp_path / "busy"
     out.mkdir()
-    stage.lock_folder(out)  # this test process holds it, as a running stage would
+    provenance.lock_folder(out)  # this test process holds it, as a running stage would
     result = run_script(PY, "train_redpo.py", *map(str, train_argv(fast_config, tiny_stage, pairs3, out)), check=False)
     line = one_line_error(result)
     assert f"{out}: in use by pid {os.getpid()}" in line

@@ -97,6 +97,8 @@ def test_killed_loop_finishes_like_an_uninterrupted_run(loop_config, offline_run
 
 def test_loop_rejects_bad_arguments():
     out = subprocess.run(["bash", "vip_loop.sh", "tiny", "two"], cwd=ROOT, capture_output=True, text=True)
-    assert out.returncode == 2 and "STAGES must be a positive integer" in out.stderr
+    assert out.returncode == 2 and "STAGES must be a whole number from 1 to 999" in out.stderr
+    out = subprocess.run(["bash", "vip_loop.sh", "tiny", "99999999999999999999"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2 and "STAGES must be a whole number from 1 to 999" in out.stderr
     out = subprocess.run(["bash", "vip_loop.sh", "nosuchmodel", "1"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 2 and "configs/nosuchmodel.yaml: no such config" in out.stderr

@@ -126,7 +126,8 @@ def test_train_moves_the_student_and_keeps_the_pruned_layout(fast_config, stage)
     start = load_file(stage / "prune" / "student" / "student.safetensors")
     assert trained.keys() == start.keys()
     assert any(not torch.equal(trained[k], start[k]) for k in trained)
-    assert sorted(os.listdir(out)) == [".lock", "checkpoint-2", "checkpoint-4", "config.yaml", "cost.json", "logs", "metrics.jsonl", "student",
+    assert sorted(os.listdir(out)) == [".lock", "checkpoint-2", "checkpoint-4", "config.yaml", "cost.json", "logs", "metrics.jsonl",
+                                       "provenance.json", "student",
                                        "validation"]
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in logged] == [1, 2, 3, 4]

@@ -420,14 +420,14 @@ def test_a_list_of_num_blocks_cuts_by_stage(tiny_stage, tmp_path):
     """prune.num_blocks [3, 2]: a student's stage is the number of prune.py runs among its parents."""
     first = tiny_stage / "prune" / "student"
     assert models.stage_of(None) == 0 and models.stage_of(str(first)) == 1
-    assert prune.blocks_this_stage([3, 2], None) == 3 and prune.blocks_this_stage([3, 2], str(first)) == 2
-    assert prune.blocks_this_stage(4, str(first)) == 4
+    assert prune.blocks_at([3, 2], models.stage_of(None)) == 3 and prune.blocks_at([3, 2], models.stage_of(str(first))) == 2
+    assert prune.blocks_at(4, models.stage_of(str(first))) == 4
     trained = tmp_path / "trained"  # a trained student names the pruned one as its parent
     trained.mkdir()
     meta = json.loads((first / "student.json").read_text())
     meta.pop("pruned_this_stage")
     (trained / "student.json").write_text(json.dumps({**meta, "parent": str(first)}))
-    assert models.stage_of(str(trained)) == 1 and prune.blocks_this_stage([3, 2, 1], str(trained)) == 2
+    assert models.stage_of(str(trained)) == 1 and prune.blocks_at([3, 2, 1], models.stage_of(str(trained))) == 2
 
 
 def test_ablation_jobs_runs_each_unfinished_seed_in_its_own_process(tmp_path, monkeypatch):
