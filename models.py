@@ -276,7 +276,7 @@ def warn_if_cut(tokenizer, prompts):
     limit = getattr(tokenizer, "model_max_length", None)
     if _CUT_WARNED or not limit or limit > 10 ** 6:
         return
-    cut = [p for p in prompts if len(tokenizer(p).input_ids) > limit]
+    cut = [p for p in prompts if len(tokenizer(p, verbose=False).input_ids) > limit]
     if cut:
         _CUT_WARNED.append(cut[0])
         print(f"warning: prompts longer than the text encoder's {limit} tokens are cut there (the first: "

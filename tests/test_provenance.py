@@ -3,6 +3,7 @@ commit their revision names, the teacher cache keyed by the teacher's contents, 
 and cleaned, and the readers that must not sink a run (configs, prompts, the ledger).
 Run: python -m pytest -q tests/test_provenance.py"""
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -193,3 +194,112 @@ def test_the_ledger_reports_what_it_cannot_read_and_goes_on(tmp_path, capsys):
     assert len(err) == 3 and all(line.startswith("ledger: ") for line in err)
     ledger.main(ledger.parse_args([str(run)]))
     assert "| **total** |" in (run / "cost.md").read_text()
+
+
+# -----------------------------------------------------------------------------
+# The steps themselves, in-process on the tiny models.
+
+
+def test_a_deleted_latents_file_is_made_again_by_the_rerun(fast_config, tiny_stage, tmp_path, capsys):
+    import curate
+
+    out = tmp_path / "curate"
+    shutil.copytree(tiny_stage / "curate", out)
+    rows = stage.read_manifest(out / "pairs.jsonl")
+    before = {r["latents"]: (out / r["latents"]).read_bytes() for r in rows}
+    pairs = (out / "pairs.jsonl").read_text()
+    (out / rows[0]["latents"]).unlink()
+    argv = ["--config", fast_config, "--output_dir", str(out), "--student", str(tiny_stage / "prune" / "student"),
+            "--ranking", str(tiny_stage / "prune" / "ranking.json")]
+    curate.main(curate.parse_args(argv))
+    assert "skipping" not in capsys.readouterr().out
+    assert {r: (out / r).read_bytes() for r in before} == before and (out / "pairs.jsonl").read_text() == pairs
+    curate.main(curate.parse_args(argv))
+    assert "skipping" in capsys.readouterr().out
+
+
+def evaluate_argv(config, out, prompts, *students):
+    return ["--config", config, "--output_dir", str(out), "--eval_prompts", str(prompts), "--students", *map(str, students)]
+
+
+def test_evaluation_lists_students_as_given_and_follows_prompts_and_weights(fast_config, tiny_stage, tmp_path):
+    """A student given twice or through a symlink is a row each, under its own label; an eval prompt
+    edited in place, or a student retrained at its path, is evaluated again, never read from before."""
+    import evaluate
+
+    student = tmp_path / "stage_1" / "prune" / "student"
+    shutil.copytree(tiny_stage / "prune" / "student", student)
+    os.makedirs(tmp_path / "stage_1" / "link")
+    os.symlink(student, tmp_path / "stage_1" / "link" / "student")
+    prompts = tmp_path / "eval.txt"
+    prompts.write_text("a red ball bounces on the floor\na blue cube slides to the left\n")
+    out = tmp_path / "eval"
+    evaluate.main(evaluate.parse_args(evaluate_argv(fast_config, out, prompts, student, student,
+                                                    tmp_path / "stage_1" / "link" / "student")))
+    report = json.loads((out / "eval.json").read_text())
+    assert [m["label"] for m in report["models"]] == ["teacher (M0)", "stage_1/prune", "stage_1/prune", "stage_1/link"]
+    assert report["models"][1]["scores"] == report["models"][2]["scores"] == report["models"][3]["scores"]
+    assert report["models"][0]["scores"] != report["models"][1]["scores"]
+    assert len(list((out / "items").glob("student-*__*.json"))) == 2  # one model, made once
+
+    prompts.write_text("a red ball bounces on the floor\na green cone spins in place\n")  # edited in place
+    fresh = tmp_path / "fresh"
+    for folder in (out, fresh):
+        evaluate.main(evaluate.parse_args(evaluate_argv(fast_config, folder, prompts, student)))
+    ours, theirs = (json.loads((f / "eval.json").read_text()) for f in (out, fresh))
+    assert ours["items"] == theirs["items"] and "a green cone spins in place (seed 1235)" in ours["items"]
+    assert [m["scores"] for m in ours["models"]] == [m["scores"] for m in theirs["models"]]
+
+    # The student retrained in place (other weights, the same student.json): evaluated again.
+    from safetensors.torch import load_file
+
+    weights = load_file(student / "student.safetensors")
+    save_file({k: v + 0.05 for k, v in weights.items()}, str(student / "student.safetensors"))
+    evaluate.main(evaluate.parse_args(evaluate_argv(fast_config, out, prompts, student)))
+    again = json.loads((out / "eval.json").read_text())
+    assert again["models"][1]["scores"] != ours["models"][1]["scores"]
+    assert again["models"][1]["key"] != ours["models"][1]["key"]
+
+
+def test_a_cut_that_leaves_no_block_is_refused_before_any_work(fast_config, tmp_path, capsys):
+    import prune
+
+    for extra, message in ((["--num_blocks", "11"], "prune.num_blocks 11: stage 1 would remove the last of the 11 blocks"),
+                           (["--num_blocks", "4", "--num_stages", "3"], "stage 3 of 3 would remove the last of the 11"),
+                           (["--prune_params", str(10 ** 9)], "prune.prune_params 1,000,000,000: stage 1 would remove")):
+        out = tmp_path / "prune"
+        code = None
+        with pytest.raises(SystemExit) as e:
+            common.run_main(prune.main, lambda: prune.parse_args(["--config", fast_config, "--output_dir", str(out), *extra]))
+        code = e.value.code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and message in err[-1] and not out.exists(), err[-1]
+
+
+def test_a_prompt_past_the_text_encoders_window_is_one_warning(tiny_args, capfd):
+    import models
+    from backends import animatediff
+
+    unet = models.load_model(animatediff, tiny_args)
+    pipe = animatediff.load_pipeline(tiny_args, unet)
+    tiny_args.num_inference_steps = 1
+    long = "a very long prompt about a red ball that rolls and rolls across the wide green field " * 3
+    models._CUT_WARNED.clear()
+    capfd.readouterr()
+    for _ in range(2):
+        models.generate(pipe, [long, "a cat"], [0, 1], tiny_args)
+    err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("warning: prompts longer than the text encoder's 77 tokens are cut")
+
+
+def test_the_loop_takes_the_callers_paths(tmp_path):
+    (tmp_path / "my.yaml").write_text((ROOT / "configs" / "tiny.yaml").read_text())
+    log = tmp_path / "calls.jsonl"
+    env = {**os.environ, "CONFIG": "my.yaml", "RUN_DIR": "[r] x", "LAUNCH": f"{sys.executable} tests/fake_stage.py",
+           "FAKE_LOG": str(log)}
+    result = subprocess.run(["bash", str(ROOT / "vip_loop.sh"), "tiny", "1"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert all(c["flags"]["config"] == [str(tmp_path / "my.yaml")] for c in calls)
+    assert calls[0]["out"] == str(tmp_path / "[r] x" / "stage_1" / "prune") and calls[0]["flags"]["num_stages"] == ["1"]
