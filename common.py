@@ -1,5 +1,5 @@
 """What every script of vip needs, and nothing of the project: the ReDPO loss and its prediction
-targets, the VideoScore reward, video files, atomic writes, and the one-line errors of bad input.
+targets, video files, atomic writes and temporaries, and the one-line errors of bad input.
 
 Every other module imports this one; it imports none of them.
 """
@@ -21,10 +21,7 @@ from pathlib import Path
 import imageio.v2 as imageio
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
-from transformers import AutoProcessor, Idefics2Model, Idefics2PreTrainedModel
 
 # Without torchvision, transformers warns at the first use of an image processor and falls back to
 # its PIL version, which is the one these scripts use: diffusers' pipelines import two at start.
@@ -339,136 +336,5 @@ def read_video(path):
     return np.stack(frames)
 
 
-def sample_frames(frames, num_frames):
-    """The frames the official script picks: np.arange(0, F, F / num_frames) as integers, float step
-    and all (it picks one frame earlier than exact arithmetic for some lengths: 116 of 208 at 48
-    frames, not 117); clips of at most num_frames are kept whole."""
-    n = len(frames)
-    if n <= num_frames:
-        return frames
-    return frames[np.arange(0, n, n / num_frames).astype(int)]
-
-
-# -----------------------------------------------------------------------------
-# VideoScore reward (TIGER-Lab/VideoScore, VideoScore-v1.1): Mantis-Idefics2 with a 5-output
-# regression head, rebuilt on plain transformers so that `mantis-vl` is not needed.
-
+# The aspects a reward scores, in VideoScore's order (the paper's table).
 ASPECTS = ("visual_quality", "temporal_consistency", "dynamic_degree", "text_alignment", "factual_consistency")
-
-
-# Verbatim from the official examples/run_videoscore.py, leading and trailing newlines included:
-# the checkpoints were trained on exactly this text.
-REGRESSION_QUERY_PROMPT = """
-Suppose you are an expert in judging and evaluating the quality of AI-generated videos,
-please watch the following frames of a given video and see the text prompt for generating the video,
-then give scores from 5 different dimensions:
-(1) visual quality: the quality of the video in terms of clearness, resolution, brightness, and color
-(2) temporal consistency, both the consistency of objects or humans and the smoothness of motion or movements
-(3) dynamic degree, the degree of dynamic changes
-(4) text-to-video alignment, the alignment between the text prompt and the video content
-(5) factual consistency, the consistency of the video content with the common-sense and factual knowledge
-
-for each dimension, output a float number from 1.0 to 4.0,
-the higher the number is, the better the video performs in that sub-score, 
-the lowest 1.0 means Bad, the highest 4.0 means Perfect/Real (the video is like a real video)
-Here is an output example:
-visual quality: 3.2
-temporal consistency: 2.7
-dynamic degree: 4.0
-text-to-video alignment: 2.3
-factual consistency: 1.8
-
-For this video, the text prompt is "{text_prompt}",
-all the frames of video are as follows:
-"""
-
-
-VIDEOSCORE_DEFAULT = "TIGER-Lab/VideoScore-v1.1"
-
-
-class Idefics2ForSequenceClassification(Idefics2PreTrainedModel):
-    """Idefics2 with a linear head read at the last real token; same parameter names as Mantis'
-    class (`model.*`, `score.*`), so its checkpoints load as they are."""
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.model = Idefics2Model(config)
-        self.score = nn.Linear(config.text_config.hidden_size, config.num_labels, bias=True)
-        self.post_init()
-
-    def forward(self, input_ids, attention_mask, pixel_values=None, pixel_attention_mask=None):
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                            pixel_attention_mask=pixel_attention_mask, use_cache=False).last_hidden_state
-        # Mantis finds the first pad token id instead, which also picks the last token under left
-        # padding but misfires when the pad id (<unk>) occurs in the text; the mask cannot.
-        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-        last = (attention_mask.long() * positions).argmax(-1)
-        return self.score(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
-
-
-class VideoScorer:
-    """`VideoScorer.from_pretrained(...).score(videos, prompts)`: one dict of raw (unclamped)
-    regression outputs per video, keyed by ASPECTS; human labels were on a 1-4 scale."""
-
-    def __init__(self, model, processor, num_frames, batch_size=1):
-        if model.config.num_labels != len(ASPECTS):
-            raise ValueError(f"VideoScore head has {model.config.num_labels} outputs, expected {len(ASPECTS)}")
-        self.model, self.processor = model, processor
-        self.num_frames, self.batch_size = int(num_frames), int(batch_size)
-        # Right padding keeps every real token at the position it has when scored alone, so
-        # batched scores equal one-by-one ones (the official script scores one video at a time).
-        processor.tokenizer.padding_side = "right"
-
-    @classmethod
-    def from_pretrained(cls, name_or_path=VIDEOSCORE_DEFAULT, num_frames=None, device=None, dtype=None,
-                        batch_size=1, cache_dir=None):
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        model = Idefics2ForSequenceClassification.from_pretrained(name_or_path, dtype=dtype, cache_dir=cache_dir)
-        model.to(device).eval().requires_grad_(False)
-        processor = AutoProcessor.from_pretrained(name_or_path, cache_dir=cache_dir)
-        if num_frames is None:  # what each release was trained with
-            num_frames = 48 if "v1.1" in str(name_or_path) else 16
-        return cls(model, processor, num_frames, batch_size)
-
-    aspects = ASPECTS
-
-    @property
-    def device(self):
-        return self.model.device
-
-    def unreadable(self, prompt):
-        """Why VideoScore cannot read `prompt` (None: it can): its processor's image markup."""
-        tokens = (self.processor.image_token, getattr(self.processor, "fake_image_token", None))
-        bad = next((t for t in tokens if t and t in prompt), None)
-        return bad and f"contains {bad!r}, which VideoScore's processor reads as an image slot; remove it"
-
-    def _clip(self, video):
-        frames = read_video(video) if isinstance(video, (str, os.PathLike)) else video
-        if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8 or frames.ndim != 4 \
-                or frames.shape[-1] != 3 or len(frames) == 0:
-            what = f"{frames.dtype} array of shape {frames.shape}" if isinstance(frames, np.ndarray) \
-                else type(frames).__name__
-            raise ValueError(f"video must be an MP4 path or a uint8 array (F, H, W, 3) with F >= 1, got {what}")
-        return sample_frames(frames, self.num_frames)
-
-    def score(self, videos, prompts):
-        videos, prompts = list(videos), list(prompts)
-        if len(videos) != len(prompts):
-            raise ValueError(f"got {len(videos)} videos but {len(prompts)} prompts")
-        scores = []
-        for i in range(0, len(videos), self.batch_size):
-            scores += self._score_batch(videos[i:i + self.batch_size], prompts[i:i + self.batch_size])
-        return scores
-
-    @torch.inference_mode()
-    def _score_batch(self, videos, prompts):
-        clips = [self._clip(v) for v in videos]
-        texts = [REGRESSION_QUERY_PROMPT.format(text_prompt=p) + "<image> " * len(c) for p, c in zip(prompts, clips)]
-        images = [[Image.fromarray(f) for f in c] for c in clips]  # the processor takes PIL images only
-        inputs = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
-        inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        logits = self.model(**inputs).float().cpu()
-        return [dict(zip(ASPECTS, row.tolist())) for row in logits]

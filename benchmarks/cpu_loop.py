@@ -97,9 +97,9 @@ def main(args):
     config_path, config = write_config(args, models)
 
     start = time.perf_counter()
-    build = ("import rewards, stage; import sys; a = stage.parse_config(['--config', sys.argv[1]], '', "
+    build = ("import rewards, stage, videoscore; import sys; a = stage.parse_config(['--config', sys.argv[1]], '', "
              "{'model': stage.MODEL_OPTIONS, 'reward': rewards.OPTIONS}); stage.backend_of(a).build_tiny(a); "
-             "rewards.build_tiny_videoscore(a.reward_model)")
+             "videoscore.build_tiny(a.reward_model)")
     subprocess.run([sys.executable, "-c", build, config_path], cwd=ROOT, check=True)
     build_s = time.perf_counter() - start
 

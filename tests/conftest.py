@@ -41,9 +41,9 @@ def tiny_args(tiny_dir):
 
 @pytest.fixture(scope="session")
 def tiny_reward(tiny_dir):
-    import rewards
+    import videoscore
 
-    return rewards.build_tiny_videoscore(str(tiny_dir / "videoscore"))
+    return videoscore.build_tiny(str(tiny_dir / "videoscore"))
 
 
 FAST = {  # the tiny config, cut down so a whole stage takes seconds

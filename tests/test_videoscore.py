@@ -15,9 +15,10 @@ from safetensors import safe_open
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import (ASPECTS, REGRESSION_QUERY_PROMPT, Idefics2ForSequenceClassification,  # noqa: E402
-                    VideoScorer, read_video, sample_frames)
-from rewards import build_tiny_videoscore  # noqa: E402
+from common import ASPECTS, read_video  # noqa: E402
+from videoscore import (REGRESSION_QUERY_PROMPT, Idefics2ForSequenceClassification, VideoScorer,  # noqa: E402
+                        sample_frames)
+from videoscore import build_tiny as build_tiny_videoscore  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
