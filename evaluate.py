@@ -70,6 +70,24 @@ def prompt_key(prompt, seed):
     return f"{hashlib.sha256(prompt.encode()).hexdigest()[:12]}_{seed}"
 
 
+def holds_more(out, made):
+    """How many students past these the folder's finished table holds, when it holds these first and
+    the rest are still what they were made from (None otherwise). vip_loop.sh evaluates after every
+    stage, the students so far: an unchanged rerun finds the last stage's table, which is current."""
+    record = provenance.read(out)
+    if record is None or record["outputs"] is None or not common.intact(out, record["outputs"]) or \
+            provenance.differing(record["made_from"], made, ignore=["students"]):
+        return None
+    asked, tabled = made["eval"]["students"], record["made_from"]["eval"].get("students") or []
+    try:
+        rest = [m["path"] for m in json.loads(open(os.path.join(out, "eval.json")).read())["models"][1 + len(asked):]]
+        same = len(rest) == len(tabled) - len(asked) and all(provenance.digest(p) == d for p, d in
+                                                              zip(rest, tabled[len(asked):]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return len(rest) if tabled[:len(asked)] == asked and same else None
+
+
 def label(path):
     if path is None:
         return "teacher (M0)"
@@ -195,8 +213,10 @@ def main(args):
     out = args.output_dir
     with accelerator.main_process_first():  # the first to digest a model keeps the digest for the others
         made = provenance.made_from(args)
-    if provenance.done(out, made):
-        accelerator.print(f"evaluate: {out} is done from this config and these inputs; skipping")
+    more = holds_more(out, made)
+    if more is not None:
+        held = f" (its table holds {more} more student{'s' * (more != 1)}, unchanged)" if more else ""
+        accelerator.print(f"evaluate: {out} is done from this config and these inputs{held}; skipping")
         return
     dtype = common.weight_dtype(args.mixed_precision)
     reward = rewards.load_reward(args, device=accelerator.device)

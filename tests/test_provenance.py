@@ -222,7 +222,7 @@ def evaluate_argv(config, out, prompts, *students):
     return ["--config", config, "--output_dir", str(out), "--eval_prompts", str(prompts), "--students", *map(str, students)]
 
 
-def test_evaluation_lists_students_as_given_and_follows_prompts_and_weights(fast_config, tiny_stage, tmp_path):
+def test_evaluation_lists_students_as_given_and_follows_prompts_and_weights(fast_config, tiny_stage, tmp_path, capsys):
     """A student given twice or through a symlink is a row each, under its own label; an eval prompt
     edited in place, or a student retrained at its path, is evaluated again, never read from before."""
     import evaluate
@@ -241,6 +241,12 @@ def test_evaluation_lists_students_as_given_and_follows_prompts_and_weights(fast
     assert report["models"][1]["scores"] == report["models"][2]["scores"] == report["models"][3]["scores"]
     assert report["models"][0]["scores"] != report["models"][1]["scores"]
     assert len(list((out / "items").glob("student-*__*.json"))) == 2  # one model, made once
+
+    # The loop's evaluation of an earlier stage, rerun unchanged: the later table holds it, and is kept.
+    capsys.readouterr()
+    evaluate.main(evaluate.parse_args(evaluate_argv(fast_config, out, prompts, student)))
+    assert "(its table holds 2 more students, unchanged); skipping" in capsys.readouterr().out
+    assert json.loads((out / "eval.json").read_text()) == report
 
     prompts.write_text("a red ball bounces on the floor\na green cone spins in place\n")  # edited in place
     fresh = tmp_path / "fresh"
