@@ -141,7 +141,7 @@ def made_from(args):
             if key in RUN_ONLY_KEYS:
                 continue
             if key in getattr(args, "_inputs", ()):  # a revision names a commit of the base model only
-                value = identity(value, args.revision if key == "pretrained_model_name_or_path" else None,
+                value = identity(value, getattr(args, "revision", None) if key == "pretrained_model_name_or_path" else None,
                                  getattr(args, "cache_dir", None))
             made[section][key] = value
     return json.loads(json.dumps(made, default=str))  # as provenance.json reads back
