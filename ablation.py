@@ -8,12 +8,18 @@ training and stage-2 pruning, and the evaluations (one folder a seed).
     python ablation.py --seeds 0 1 2 --stages 2 --num_blocks 3 2 --jobs 3
     python ablation.py --config configs/world_wan.yaml --seeds 0 1 2 --stages 2 --num_blocks 1 1 --jobs 3
 
-Writes <output_dir> (default runs/<config name>-ablation)/ablation.md (mean and sample std over seeds, per-seed comparisons) and, per
-seed, seed_<s>/ (a run folder and a config per variant, eval/, result.json, log.txt with --jobs).
+Writes <output_dir> (default runs/<config name>-ablation)/ablation.md and, per seed, seed_<s>/ (a run
+folder and a config per variant, eval/, result.json, log.txt with --jobs). The table gives each
+model's mean ± sample std over seeds and its evaluation's standard error (over its videos, from the
+per-video scores evaluate.py keeps); each comparison (ReDPO - SFT, online - offline, ReDPO - pruned,
+SFT - pruned) its mean over seeds, a 95% confidence interval paired by seed (Student's t with n - 1
+degrees of freedom), its signs seed by seed, and a verdict only where the interval excludes 0.
 """
 
 import argparse
+import glob
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -23,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import yaml
+from scipy import stats
 
 import common
 import models
@@ -37,6 +44,9 @@ VARIANTS = {"+ReDPO": ("redpo", "redpo", False), "+ReDPO offline": ("redpo_offli
 SHARED = [(tag, f"stage_1/{step}", "shared") for tag, *_ in VARIANTS.values() for step in ("prune", "curate")] + \
          [("redpo_offline", "stage_1/train", "redpo"), ("redpo_offline", "stage_2/prune", "redpo")] + \
          [(tag, "eval", None) for tag, *_ in VARIANTS.values()]
+# (name, a, b): the differences a - b of the average that the ablation reports, paired by seed.
+COMPARISONS = (("ReDPO - SFT", "+ReDPO", "+SFT"), ("online - offline", "+ReDPO", "+ReDPO offline"),
+               ("ReDPO - pruned", "+ReDPO", "pruned"), ("SFT - pruned", "+SFT", "pruned"))
 
 
 def parse_args(argv=None):
@@ -120,8 +130,40 @@ def run_seed(args, seed, config):
     subprocess.run([*launch, os.path.join(ROOT, "evaluate.py"), "--config", config_path, "--output_dir",
                     os.path.join(root, "eval"), "--students", *[finals[r] for r in ROWS[1:]],
                     "--teacher_cache", os.path.join(root, "teacher")], check=True)
-    entries = json.load(open(os.path.join(root, "eval", "eval.json")))["models"]
-    return {r: m["scores"] for r, m in zip(ROWS, entries)}
+    result = seed_result(os.path.join(root, "eval"), ROWS)
+    return {"scores": result["scores"], "se": result["se"]}
+
+
+def average(scores, aspects):
+    return float(np.mean([scores[a] for a in aspects]))
+
+
+def seed_result(eval_dir, rows):
+    """An evaluation's models as `rows` (in the order evaluate.py was given them): their mean scores,
+    and the standard error of their average over their videos, from the per-video scores in items/."""
+    report = json.load(open(os.path.join(eval_dir, "eval.json")))
+    aspects, listed = report["aspects"], set(report["items"])
+    videos = {}
+    for path in glob.glob(os.path.join(glob.escape(eval_dir), "items", "*__*.json")):
+        item = json.load(open(path))
+        if f"{item['prompt']} (seed {item['seed']})" in listed:  # this table's prompts and seeds only
+            videos.setdefault(item["model"], []).append(average(item["scores"], aspects))
+    scores, se = {}, {}
+    for row, model in zip(rows, report["models"]):
+        v = np.array(videos[model["key"]])
+        scores[row], se[row] = model["scores"], float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else math.nan
+    return {"aspects": aspects, "scores": scores, "se": se}
+
+
+def paired_interval(x, y, level=0.95):
+    """The mean over seeds of x - y (paired by seed) and its confidence interval at `level`: Student's
+    t with n - 1 degrees of freedom times the standard error of the mean difference. (mean, low, high);
+    one seed bounds nothing."""
+    d = np.asarray(x, dtype=float) - np.asarray(y, dtype=float)
+    if len(d) < 2:
+        return float(d.mean()), -math.inf, math.inf
+    half = stats.t.ppf(0.5 + level / 2, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+    return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
 
 
 def main(args):
@@ -140,41 +182,58 @@ def main(args):
                                      f"--output_dir, or remove {os.path.dirname(path)} to start the seed over")
     if args.jobs > 1:
         run_seeds_in_parallel(args, seeds)
-    results, seconds = {}, 0.0
+    results, errors, seconds = {}, {}, 0.0
     for seed in seeds:
         done = os.path.join(args.output_dir, f"seed_{seed}", "result.json")
         if not os.path.exists(done):
             start = time.time()
             common.atomic_write_json(os.path.join(args.output_dir, f"seed_{seed}", "settings.json"), settings[seed])
-            scores = run_seed(args, seed, settings[seed]["config"])
-            common.atomic_write_json(done, {"seconds": time.time() - start, "scores": scores})
+            result = run_seed(args, seed, settings[seed]["config"])
+            common.atomic_write_json(done, {"seconds": time.time() - start, **result})
         result = json.load(open(done))
+        if "se" not in result:  # a seed finished before the ablation kept its evaluation's errors
+            result["se"] = seed_result(os.path.join(args.output_dir, f"seed_{seed}", "eval"), ROWS)["se"]
         seconds += result["seconds"]
         for row, scores in result["scores"].items():
             results.setdefault(row, []).append(scores)
+            errors.setdefault(row, []).append(result["se"][row])
     if cuts:
         cut = f"cutting {'+'.join(map(str, cuts))} blocks"
     elif base["prune"].get("prune_params"):
         cut = f"each cutting at least {base['prune']['prune_params']:,} block parameters"
     else:
         cut = f"each cutting {base['prune'].get('num_blocks', 1)} blocks"
-    table = (f"Held-out prompts; {args.stages} stages {cut}; seeds {seeds}; mean ± sample std over seeds; "
-             f"{seconds / 60:.1f} CPU-process minutes in all\n\n" + ablation_table(results, aspects)
-             + "\n" + per_seed_table(results, aspects, seeds))
+    table = (f"Held-out prompts; {args.stages} stages {cut}; seeds {seeds}; mean ± sample std over seeds, and the "
+             f"evaluation's standard error of each average (over its videos, mean over seeds); "
+             f"{seconds / 60:.1f} CPU-process minutes in all\n\n" + ablation_table(results, errors, aspects)
+             + "\n" + comparison_table(results, aspects) + "\n" + per_seed_table(results, aspects, seeds))
     if not args.seed_only:
         common.atomic_write_text(os.path.join(args.output_dir, "ablation.md"), table)
     print(table)
 
 
-def ablation_table(results, aspects):
-    lines = [f"| model | {' | '.join(aspects)} | average |", "|" + "---|" * (len(aspects) + 2)]
+def ablation_table(results, errors, aspects):
+    lines = [f"| model | {' | '.join(aspects)} | average | eval s.e. |", "|" + "---|" * (len(aspects) + 3)]
     for row in ROWS:
         runs = results[row]
-        cells = [np.array([r[a] for r in runs]) for a in aspects] + [np.array([np.mean([r[a] for a in aspects])
-                                                                              for r in runs])]
-        # The sample standard deviation: three seeds are a sample of the seeds there could be.
+        cells = [np.array([r[a] for r in runs]) for a in aspects] + [np.array([average(r, aspects) for r in runs])]
+        # The sample standard deviation: the seeds are a sample of the seeds there could be.
         lines.append(f"| {row} | " + " | ".join(f"{c.mean():.3f} ± {c.std(ddof=1) if len(c) > 1 else 0:.3f}"
-                                                 for c in cells) + " |")
+                                                 for c in cells) + f" | {np.mean(errors[row]):.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def comparison_table(results, aspects):
+    """Each comparison on the average: mean over seeds, its paired 95% interval, the seeds above and
+    below 0, and a verdict only where the interval excludes 0."""
+    n = len(results["+ReDPO"])
+    lines = [f"| comparison | mean | 95% CI (paired t, {n} seeds) | seeds + / − | verdict |", "|---|---|---|---|---|"]
+    for name, a, b in COMPARISONS:
+        x, y = [average(r, aspects) for r in results[a]], [average(r, aspects) for r in results[b]]
+        mean, low, high = paired_interval(x, y)
+        d = np.subtract(x, y)
+        verdict = f"{a.lstrip('+')} above" if low > 0 else f"{b.lstrip('+')} above" if high < 0 else "not resolved"
+        lines.append(f"| {name} | {mean:+.3f} | [{low:+.3f}, {high:+.3f}] | {(d > 0).sum()} / {(d < 0).sum()} | {verdict} |")
     return "\n".join(lines) + "\n"
 
 
