@@ -192,7 +192,10 @@ def main(args):
             common.atomic_write_json(done, {"seconds": time.time() - start, **result})
         result = json.load(open(done))
         if "se" not in result:  # a seed finished before the ablation kept its evaluation's errors
-            result["se"] = seed_result(os.path.join(args.output_dir, f"seed_{seed}", "eval"), ROWS)["se"]
+            try:
+                result["se"] = seed_result(os.path.join(args.output_dir, f"seed_{seed}", "eval"), ROWS)["se"]
+            except (OSError, ValueError, KeyError):
+                result["se"] = dict.fromkeys(ROWS, math.nan)
         seconds += result["seconds"]
         for row, scores in result["scores"].items():
             results.setdefault(row, []).append(scores)
@@ -217,9 +220,10 @@ def ablation_table(results, errors, aspects):
     for row in ROWS:
         runs = results[row]
         cells = [np.array([r[a] for r in runs]) for a in aspects] + [np.array([average(r, aspects) for r in runs])]
+        se = np.mean(errors[row])  # nan: a seed that kept no per-video scores
         # The sample standard deviation: the seeds are a sample of the seeds there could be.
         lines.append(f"| {row} | " + " | ".join(f"{c.mean():.3f} ± {c.std(ddof=1) if len(c) > 1 else 0:.3f}"
-                                                 for c in cells) + f" | {np.mean(errors[row]):.3f} |")
+                                                 for c in cells) + f" | {'–' if math.isnan(se) else f'{se:.3f}'} |")
     return "\n".join(lines) + "\n"
 
 

@@ -13,7 +13,6 @@ Writes <ablation>/seeds.md (the tables) and seeds.json; the same-cut runs in <ab
 import argparse
 import json
 import os
-import shlex
 import subprocess
 import sys
 from pathlib import Path

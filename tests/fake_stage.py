@@ -28,9 +28,15 @@ if not done:
         meta = {"parent": (flags.get("student") or ["M0"])[0], **({"pruned_this_stage": []} if script == "prune.py" else {})}
         os.makedirs(os.path.join(out, "student"), exist_ok=True)
         json.dump(meta, open(os.path.join(out, "student", "student.json"), "w"))
-    if script == "evaluate.py":  # teacher, then the students in order: 3.0, 2.9, ...
+    if script == "evaluate.py":  # teacher, then the students in order: 3.0, 2.9, ...; two videos each, 0.1 apart
         aspects = ("visual_quality", "temporal_consistency", "dynamic_degree", "text_alignment")
-        rows = [{"scores": dict.fromkeys(aspects, 3.0 - 0.1 * k)} for k in range(1 + len(flags["students"]))]
-        json.dump({"models": rows}, open(os.path.join(out, final), "w"))
+        rows = [{"key": f"m{k}", "scores": dict.fromkeys(aspects, 3.0 - 0.1 * k)} for k in range(1 + len(flags["students"]))]
+        os.makedirs(os.path.join(out, "items"), exist_ok=True)
+        for k, row in enumerate(rows):
+            for j in (0, 1):
+                item = {"model": row["key"], "prompt": "a cat", "seed": j, "scores": dict.fromkeys(aspects, 2.95 - 0.1 * k + 0.1 * j)}
+                json.dump(item, open(os.path.join(out, "items", f"m{k}__{j}.json"), "w"))
+        json.dump({"aspects": aspects, "items": ["a cat (seed 0)", "a cat (seed 1)"], "models": rows},
+                  open(os.path.join(out, final), "w"))
     elif script != "train_redpo.py":
         open(os.path.join(out, final), "w").close()

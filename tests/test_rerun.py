@@ -12,7 +12,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import provenance
-from conftest import ROOT, run_script
+from conftest import run_script
 
 STEPS = ("prune", "curate", "train")
 

@@ -1,6 +1,7 @@
 """The exact-reward world: renderer, reward aspects under corruptions, pixel VAE, the teacher's
 training script, a short loop on the committed teacher, and the ablation's plumbing. Run: python -m pytest -q tests/test_world.py"""
 import json
+import math
 import os
 import re
 import sys
@@ -395,14 +396,17 @@ def test_ablation_shares_what_variants_share_and_gathers_seeds(tmp_path, monkeyp
 
     # a second seed's result, as a separate process would leave it; gathering reads both back
     scores = {r: {a: 2.0 for a in common.ASPECTS[:4]} for r in ablation.ROWS}
-    common.atomic_write_json(str(out / "seed_1" / "result.json"), {"seconds": 60.0, "scores": scores})
+    common.atomic_write_json(str(out / "seed_1" / "result.json"), {"seconds": 60.0, "scores": scores,
+                                                                   "se": dict.fromkeys(ablation.ROWS, 0.25)})
     n = len(log.read_text().splitlines())
     ablation.main(ablation.parse_args(["--seeds", "0", "1", "--num_blocks", "3", "2", "--output_dir", str(out)]))
     assert len(log.read_text().splitlines()) == n  # both seeds done: nothing runs again
     table = (out / "ablation.md").read_text()
     assert "2 stages cutting 3+2 blocks" in table
     assert "| teacher (M0) | 2.500 ± 0.707 |" in table and "| +ReDPO offline | 2.250 ± 0.354 |" in table
+    assert table.count(" | 0.150 |") == 6  # eval s.e.: seed 0 two videos 0.1 apart (0.05), seed 1 0.25
     assert "| 0 | ReDPO - SFT | -0.200 |" in table and "| 1 | online - offline | +0.000 |" in table  # the fake's rows
+    assert "| ReDPO - SFT | -0.100 | [-1.371, +1.171] | 0 / 1 | not resolved |" in table  # -0.2 and 0.0
 
     with pytest.raises(common.ConfigError, match="seed_0/settings.json: made with other --stages, --num_blocks"):
         ablation.main(ablation.parse_args(["--seeds", "0", "--num_blocks", "2", "--output_dir", str(out)]))
@@ -414,6 +418,20 @@ def test_ablation_shares_what_variants_share_and_gathers_seeds(tmp_path, monkeyp
 
     with pytest.raises(common.ConfigError, match="--num_blocks: expected one number or 2"):
         ablation.parse_args(["--num_blocks", "1", "2", "3", "--output_dir", str(out)])
+
+
+def test_the_paired_interval_is_students_t_by_hand():
+    mean, low, high = ablation.paired_interval([3.0, 3.2, 2.9, 3.4, 3.1], [2.9, 3.0, 3.0, 3.1, 2.8])
+    # d = 0.1, 0.2, -0.1, 0.3, 0.3: mean 0.16, sample variance 0.112 / 4, t(0.975, 4 d.f.) = 2.776445
+    half = 2.776445 * math.sqrt(0.112 / 4) / math.sqrt(5)
+    assert (mean, low, high) == pytest.approx((0.16, 0.16 - half, 0.16 + half), abs=1e-6)
+    assert ablation.paired_interval([1.0], [0.5]) == (0.5, -math.inf, math.inf)  # one seed bounds nothing
+    results = {r: [dict.fromkeys(common.ASPECTS[:4], v) for v in values] for r, values in {
+        "+ReDPO": (3.4, 3.5, 3.45), "+SFT": (3.3, 3.4, 3.3), "+ReDPO offline": (3.5, 3.3, 3.45),
+        "pruned": (2.0, 2.1, 2.2)}.items()}
+    table = ablation.comparison_table(results, common.ASPECTS[:4])
+    assert "| ReDPO - SFT | +0.117 | [+0.045, +0.188] | 3 / 0 | ReDPO above |" in table
+    assert "| online - offline | +0.033 | [-0.346, +0.413] | 1 / 1 | not resolved |" in table  # t(0.975, 2) = 4.3027
 
 
 def test_a_list_of_num_blocks_cuts_by_stage(tiny_stage, tmp_path):
