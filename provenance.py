@@ -140,9 +140,10 @@ def made_from(args):
         for key, value in body.items():
             if key in RUN_ONLY_KEYS:
                 continue
-            if key in getattr(args, "_inputs", ()):  # a revision names a commit of the base model only
-                value = identity(value, getattr(args, "revision", None) if key == "pretrained_model_name_or_path" else None,
-                                 getattr(args, "cache_dir", None))
+            if key in getattr(args, "_inputs", ()):
+                # a revision names a commit of the base model only (models.hub_kwargs)
+                revision = getattr(args, "revision", None) if key == "pretrained_model_name_or_path" else None
+                value = identity(value, revision, getattr(args, "cache_dir", None))
             made[section][key] = value
     return json.loads(json.dumps(made, default=str))  # as provenance.json reads back
 
@@ -263,8 +264,8 @@ def start(accelerator, output_dir, made, args, results, work=(), work_ignores=()
             keep_work = record is not None and not differing(record["made_from"], made, work_ignores)
             if changed and not keep_work:
                 found = [p for pattern in results for p in glob.glob(os.path.join(glob.escape(output_dir), pattern))]
-                if found:
-                    found += [p for p in (os.path.join(output_dir, n) for n in (RECORD, "config.yaml")) if os.path.exists(p)]
+                if found:  # with the record of what they were made from
+                    found += [p for n in (RECORD, "config.yaml") if os.path.exists(p := os.path.join(output_dir, n))]
                     aside = _move_aside(output_dir, found)
                     why = ", ".join(changed[:4]) + (" ..." if len(changed) > 4 else "") if record else \
                         "no record of what they were made from"

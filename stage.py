@@ -172,9 +172,11 @@ def parse_config(argv, description, sections):
     data = read_config(early.config) if early.config else {}
     if "model" in sections:
         name = early.backend or data.get("model", {}).get("backend") or sections["model"]["backend"][0]
-        shared = sections["model"]
-        sections = {**sections, "model": {**shared, **{k: o if len(o) > 2 or len(shared.get(k, ())) < 3 else (*o, shared[k][2])
-                                                       for k, o in load_backend(name).OPTIONS.items()}}}
+        model = dict(sections["model"])
+        for key, option in load_backend(name).OPTIONS.items():
+            ruled = len(option) < 3 and len(model.get(key, ())) > 2  # another default of a shared key: its rule stays
+            model[key] = (*option, model[key][2]) if ruled else option
+        sections = {**sections, "model": model}
 
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=str, default=None, help="YAML config (configs/<model>.yaml)")
