@@ -4,6 +4,7 @@ targets, video files, atomic writes and temporaries, and the one-line errors of 
 Every other module imports this one; it imports none of them.
 """
 
+import argparse
 import contextlib
 import errno
 import hashlib
@@ -12,6 +13,7 @@ import logging
 import os
 import re
 import secrets
+import shlex
 import shutil
 import socket
 import sys
@@ -38,6 +40,8 @@ def run_main(main, parse_args):
     args = None
     try:
         args = parse_args()
+        if isinstance(args, argparse.Namespace):  # run as a script: what made its results (provenance.json)
+            args._command = shlex.join(sys.argv)
         main(args)
     except ConfigError as e:
         message = str(e)
@@ -206,7 +210,9 @@ def redpo_loss(model_pred, ref_pred, target, *, beta, w_sft, loss_type="redpo"):
         sft    = mse(model_w, ref_w).mean()          (winners only)
         loss   = dpo + w_sft * sft  ("redpo") | dpo ("dpo") | sft ("sft")
 
-    `beta` has no 0.5 factor: it equals 0.5 x Diffusion-DPO's `beta_dpo` (their 5000 is 2500 here).
+    `beta` has no 0.5 factor: it is 0.5 x `beta_dpo` of the original Diffusion-DPO, diffusers' SDXL
+    DPO script and VideoDPO (their 5000 is 2500 here), and `beta_dpo` itself in diffusers' SD1.5
+    train_diffusion_dpo.py, which has no 0.5 factor either.
     The teacher is not the student's initialisation, so the DPO term does not start at log 2.
     """
     if loss_type not in LOSS_TYPES:

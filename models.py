@@ -111,6 +111,27 @@ def blocks_removed(backend, model, names):
             _set_submodule(model, name, module)
 
 
+def with_blocks_zeroed(backend, model, zeroed=None, dtype=None):
+    """The whole architecture of `model` (a student) with its weights, and every parameter of each
+    removed block zero: the student's function (every candidate is residual, and a block of zeros
+    adds nothing) in a model that the family's own class loads, for exports that cannot drop a block.
+    `zeroed` (a model of the same class with fewer layers) takes the place of the full architecture;
+    the result is in `dtype` (default: the student's)."""
+    removed = removed_blocks(backend, model)
+    full = zeroed if zeroed is not None else type(model).from_config(
+        {k: v for k, v in model.config.items() if k != "_use_default_values"})
+    missing, unexpected = full.load_state_dict(model.state_dict(), strict=False)
+    stray = [k for k in missing if not any(k.startswith(name + ".") for name in removed)]
+    if unexpected or stray:
+        raise ValueError(f"the exported model does not hold the student: {(unexpected + stray)[:3]}")
+    with torch.no_grad():
+        for name in removed:
+            for p in full.get_submodule(name).parameters():
+                p.zero_()
+    with quiet("diffusers.models.modeling_utils"):  # diffusers warns on every cast
+        return full.to(dtype or next(model.parameters()).dtype).eval()
+
+
 def count_parameters(module):
     return sum(p.numel() for p in module.parameters())
 

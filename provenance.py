@@ -44,7 +44,7 @@ SMALL = 1 << 20  # smaller files are hashed each time: no sidecar beside prompt 
 RUN_ONLY_KEYS = {"output_dir", "resume_from_checkpoint", "report_to", "logging_steps", "checkpointing_steps",
                  "validation_steps", "validation_prompts", "num_validation_videos", "checkpoints_total_limit",
                  "dataloader_num_workers", "generation_batch_size", "reward_batch_size", "teacher_cache",
-                 "cache_dir", "revision", "build_tiny", "num_stages"}
+                 "cache_dir", "revision", "build_tiny", "num_stages", "push_to_hub", "hub_model_id", "hub_token"}
 
 # -----------------------------------------------------------------------------
 # Identities of contents: digests of local files and folders, commits of hub models.
@@ -182,12 +182,13 @@ def done(output_dir, made):
 def finish(output_dir, made, outputs):
     """Mark the step done: `outputs` (files and folders relative to `output_dir`) with their sizes.
     Written last: a step killed before it is resumed, one killed after it is done."""
+    command = (read(output_dir) or {}).get("command")
     files = {}
     for rel in outputs:
         path = os.path.join(output_dir, rel)
         names = [rel] if os.path.isfile(path) else [os.path.join(rel, n) for n in files_below(path)]
         files.update({n: os.path.getsize(os.path.join(output_dir, n)) for n in names})
-    common.atomic_write_json(os.path.join(output_dir, RECORD), {"made_from": made, "outputs": files})
+    common.atomic_write_json(os.path.join(output_dir, RECORD), {"made_from": made, "outputs": files, "command": command})
 
 
 _LOCKS = {}  # output folder -> open lock file: the lock lives as long as the process
@@ -271,7 +272,8 @@ def start(accelerator, output_dir, made, args, results, work=(), work_ignores=()
                         "no record of what they were made from"
                     print(f"{output_dir}: made from another config or other inputs ({why}); its results are kept "
                           f"in {aside}", file=sys.stderr)
-            common.atomic_write_json(os.path.join(output_dir, RECORD), {"made_from": made, "outputs": None})
+            common.atomic_write_json(os.path.join(output_dir, RECORD), {"made_from": made, "outputs": None,
+                                                                        "command": getattr(args, "_command", None)})
             stage.save_config(args, os.path.join(output_dir, "config.yaml"))
         except common.ConfigError as e:
             error = str(e)

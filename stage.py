@@ -35,7 +35,7 @@ from common import ConfigError, atomic_write_json, atomic_write_text, intact
 # -----------------------------------------------------------------------------
 # Configuration: one YAML per model with a section per stage, CLI flags override it.
 
-SECTIONS = ("model", "reward", "prune", "curate", "train", "eval")
+SECTIONS = ("model", "reward", "prune", "curate", "train", "eval", "export")
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
@@ -183,8 +183,10 @@ def parse_config(argv, description, sections):
     for section, options in sections.items():
         group = parser.add_argument_group(section)
         for key, option in options.items():
-            is_list = _rule(option)[1]["type"] in (list, "per_stage")
-            group.add_argument(f"--{key}", type=str, default=None, nargs="+" if is_list else None,
+            kind = _rule(option)[1]["type"]
+            # a switch alone is true, as diffusers' --push_to_hub and --gradient_checkpointing are
+            nargs = {list: "+", "per_stage": "+", bool: "?"}.get(kind)
+            group.add_argument(f"--{key}", type=str, default=None, nargs=nargs, const="true" if kind is bool else None,
                                help=f"{option[1]} (default: {option[0]})")
     cli = parser.parse_args(argv)
 
@@ -273,7 +275,7 @@ def save_config(args, path):
 
 BACKEND_NAMES = ("OPTIONS", "STUDENT_KEYS", "TABLE", "TRAINABLE", "required_models", "build_tiny", "load_denoiser",
                  "load_text_encoder", "encode_prompts", "load_pipeline", "with_denoiser", "generate",
-                 "objective", "enable_checkpointing", "predict", "prunable_blocks", "denoise_inputs")
+                 "objective", "enable_checkpointing", "predict", "prunable_blocks", "denoise_inputs", "export")
 
 
 BACKEND = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", re.ASCII)

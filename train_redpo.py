@@ -48,7 +48,8 @@ OPTIONS = {
     "trainable": ("motion_modules", "what trains, as the backend names its parts: motion_modules (AnimateDiff's "
                                     "motion modules; VideoCrafter2's temporal layers) | unet"),
     "loss_type": ("redpo", "redpo | dpo (w/o SFT) | sft (w/o DPO)", {"choices": common.LOSS_TYPES}),
-    "beta": (2500.0, "DPO temperature; no 0.5 factor: 2500 here = Diffusion-DPO's beta_dpo 5000", {"gt": 0}),
+    "beta": (2500.0, "DPO temperature, no 0.5 factor: 2500 here = beta_dpo 5000 of Diffusion-DPO, diffusers' SDXL "
+                     "script and VideoDPO (0.5 x beta_dpo); = beta_dpo of diffusers' SD1.5 script", {"gt": 0}),
     "w_sft": (1.0, "weight of the SFT term (student to teacher on winners)", {"min": 0}),
     "learning_rate": (1e-5, "AdamW learning rate", {"gt": 0}),
     "scale_lr": (False, "multiply the learning rate by the effective batch size"),

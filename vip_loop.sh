@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# V.I.P.: prune -> curate -> train -> evaluate, STAGES times. The teacher is always the full model
-# M0; each stage prunes the newest student and curates its losers from it (online).
+# V.I.P.: prune -> curate -> train -> evaluate, STAGES times, then the last student exported (export.py).
+# The teacher is always the full model M0; each stage prunes the newest student and curates its
+# losers from it (online).
 #
 #   bash vip_loop.sh tiny 2                      # CPU, random tiny models: the machinery in minutes
 #   bash vip_loop.sh animatediff 3               # GPU: the paper's AnimateDiff run
@@ -76,5 +77,7 @@ for ((k = 1; k <= stages; k++)); do
   "${launch[@]}" evaluate.py --config "$config" --output_dir "$run/eval" --students "${students[@]}" \
     --teacher_cache "$teacher"
 done
+# The last student, as the folder its family's users load (diffusers), with its model card.
+"${launch[@]}" export.py --config "$config" --student "$run/stage_$stages/train/student" --output_dir "$run/export"
 python ledger.py "$run"
-echo "== done: $run/eval/eval.md, $run/cost.md"
+echo "== done: $run/eval/eval.md, $run/export, $run/cost.md"

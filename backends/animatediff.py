@@ -180,3 +180,46 @@ def build_tiny(args, seed=0):
     adapter.save_pretrained(adapter_tmp)
     for src, dst in ((tmp, base_dir), (adapter_tmp, adapter_dir)):
         replace_folder(src, dst)
+
+
+# -----------------------------------------------------------------------------
+# Export: the student as an AnimateDiffPipeline folder that plain diffusers loads.
+
+
+def motion_modules_emptied(unet):
+    """The student as a UNetMotionModel: diffusers cannot drop a motion module from its blocks, but
+    takes a layer count for each one (nested `temporal_transformer_layers_per_block`), so a removed
+    module becomes one of no transformer layers with its norm and projections zero. It adds exactly
+    nothing, as the removed module does, at the cost of one norm and two C x C projections."""
+    module = sys.modules[__name__]
+    removed, config = set(models.removed_blocks(module, unet)), dict(unet.config)
+
+    def per_block(value, n):
+        return list(value) if isinstance(value, (list, tuple)) else [value] * n
+
+    def layers(prefix, block, value):  # one count a motion module of the block, 0 where removed
+        return [0 if f"{prefix}.motion_modules.{j}" in removed else value[j] if isinstance(value, (list, tuple)) else value
+                for j in range(len(block.motion_modules))]
+
+    down = per_block(config["temporal_transformer_layers_per_block"], len(unet.down_blocks))
+    up = per_block(config["reverse_temporal_transformer_layers_per_block"] or down[::-1], len(unet.up_blocks))
+    config.update(temporal_transformer_layers_per_block=[layers(f"down_blocks.{i}", b, down[i])
+                                                         for i, b in enumerate(unet.down_blocks)],
+                  reverse_temporal_transformer_layers_per_block=[layers(f"up_blocks.{i}", b, up[i])
+                                                                 for i, b in enumerate(unet.up_blocks)])
+    if getattr(unet.mid_block, "motion_modules", None):
+        config["temporal_transformer_layers_per_mid_block"] = layers(
+            "mid_block", unet.mid_block, config["temporal_transformer_layers_per_mid_block"])
+    config = {k: v for k, v in config.items() if k != "_use_default_values"}
+    return models.with_blocks_zeroed(module, unet, zeroed=UNetMotionModel.from_config(config))
+
+
+def export(args, unet, out_dir, load_pipeline=load_pipeline):
+    """Write the student as an AnimateDiffPipeline folder (the base model's VAE, text encoder,
+    tokenizer and the sampler vip uses, the student's UNetMotionModel); returns what the card says."""
+    exported = motion_modules_emptied(unet)
+    load_pipeline(args, exported, dtype=common.weight_dtype(args.mixed_precision)).save_pretrained(out_dir)
+    return {"denoiser": exported, "pipeline": "AnimateDiffPipeline",
+            "form": "a UNetMotionModel whose removed motion modules have no transformer layers and zero projections: "
+                    "the student's outputs exactly, and almost all of its saving (a removed module still runs one "
+                    "norm and two channel-wide projections)"}

@@ -623,3 +623,47 @@ def denoise_inputs(unet, batch_size, num_frames, height, width, device=None, dty
     sample = torch.randn(batch_size, unet.config.in_channels, num_frames, h, w, device=device, dtype=dtype)
     text = torch.randn(batch_size, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)
     return sample, torch.tensor([500], device=device), text
+
+
+# -----------------------------------------------------------------------------
+# Export: the student in vip's converted layout and as the official model.ckpt.
+
+
+def schedule_buffers():
+    """The 13 schedule buffers of VC2's model.ckpt, as lvdm's register_schedule computes them (in
+    float64, kept as float32): the official loader is strict, so a checkpoint must carry them."""
+    f64 = dict(dtype=torch.float64)
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, **f64) ** 2
+    alphas = 1 - betas
+    abar = torch.cumprod(alphas, 0)
+    prev = torch.cat([torch.ones(1, **f64), abar[:-1]])
+    variance = betas * (1 - prev) / (1 - abar)
+    buffers = {"betas": betas, "alphas_cumprod": abar, "alphas_cumprod_prev": prev, "sqrt_alphas_cumprod": abar.sqrt(),
+               "sqrt_one_minus_alphas_cumprod": (1 - abar).sqrt(), "log_one_minus_alphas_cumprod": (1 - abar).log(),
+               "sqrt_recip_alphas_cumprod": (1 / abar).sqrt(), "sqrt_recipm1_alphas_cumprod": (1 / abar - 1).sqrt(),
+               "posterior_variance": variance, "posterior_log_variance_clipped": variance.clamp(min=1e-20).log(),
+               "posterior_mean_coef1": betas * prev.sqrt() / (1 - abar),
+               "posterior_mean_coef2": (1 - prev) * alphas.sqrt() / (1 - abar),
+               # lvdm's scale_arr: 1 down to scale_b over mid_step steps, then scale_b for all 1000 (its length bug kept)
+               "scale_arr": torch.cat([torch.linspace(1, SCALE_B, MID_STEP, **f64), torch.full((1000,), SCALE_B, **f64)])}
+    return {k: v.float() for k, v in buffers.items()}
+
+
+def export(args, unet, out_dir):
+    """Write the student in vip's converted layout (unet/ of every block, each removed one's weights
+    zero, and the base model's vae/, text_encoder/, tokenizer/, scheduler/) and as VideoCrafter2's
+    own model.ckpt (official key names, the schedule buffers), which the official inference loads."""
+    module, base = sys.modules[__name__], args.pretrained_model_name_or_path
+    exported = models.with_blocks_zeroed(module, unet, dtype=torch.float32)
+    exported.save_pretrained(os.path.join(out_dir, "unet"))
+    for part in ("vae", "text_encoder", "tokenizer", "scheduler"):
+        shutil.copytree(os.path.join(base, part), os.path.join(out_dir, part))
+    shutil.copy(os.path.join(base, "videocrafter2.json"), os.path.join(out_dir, "videocrafter2.json"))
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
+    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder")
+    state = {**official_state_dict(exported, vae, text_encoder), **schedule_buffers()}
+    torch.save({"state_dict": {k: v.contiguous() for k, v in state.items()}}, os.path.join(out_dir, "model.ckpt"))
+    return {"denoiser": exported, "pipeline": None, "runs_removed": True,
+            "form": "VideoCrafter2's own model.ckpt (its key names, for the official inference) and vip's converted "
+                    "folder, with every block and each removed block's weights zero: the student's outputs exactly, "
+                    "at the full model's cost; vip's loader (its student.json) runs the student without them"}

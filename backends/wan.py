@@ -17,6 +17,7 @@ import contextlib
 import functools
 import inspect
 import os
+import re
 from types import SimpleNamespace
 
 import diffusers
@@ -191,6 +192,30 @@ def denoise_inputs(transformer, batch_size, num_frames, height, width, device=No
                          dtype=dtype)
     text = torch.randn(batch_size, text_length, transformer.config.text_dim, device=device, dtype=dtype)
     return sample, torch.full((batch_size,), 500.0, device=device), text
+
+
+def renumbered(transformer, dtype=None):
+    """The student as a WanTransformer3DModel of num_layers = the blocks it kept, renumbered in order
+    (blocks.0, 1, ... of the kept ones): the same function, and only the kept blocks run."""
+    kept = [i for i, block in enumerate(transformer.blocks) if not isinstance(block, models.RemovedBlock)]
+    config = {k: v for k, v in transformer.config.items() if k != "_use_default_values"}
+    exported = WanTransformer3DModel.from_config({**config, "num_layers": len(kept)})
+    new = {old: i for i, old in enumerate(kept)}
+    state = {re.sub(r"^blocks\.(\d+)\.", lambda m: f"blocks.{new[int(m[1])]}.", k): v
+             for k, v in transformer.state_dict().items()}
+    exported.load_state_dict(state, strict=True)  # every key of each, both ways
+    with models.quiet("diffusers.models.modeling_utils"):  # diffusers warns on every cast
+        return exported.to(dtype or next(transformer.parameters()).dtype).eval()
+
+
+def export(args, transformer, out_dir, load_pipeline=load_pipeline):
+    """Write the student as a WanPipeline folder (the base model's VAE, text encoder, tokenizer and
+    the sampler vip uses, the renumbered transformer); returns what the card says."""
+    dtype = common.weight_dtype(args.mixed_precision)  # the dtype vip generates in
+    exported = renumbered(transformer, dtype)
+    load_pipeline(args, exported, dtype=dtype).save_pretrained(out_dir)
+    return {"denoiser": exported, "pipeline": "WanPipeline",
+            "form": "a WanTransformer3DModel of the kept blocks, renumbered: the student's outputs and its speed"}
 
 
 # Wan-AI/Wan2.1-T2V-1.3B-Diffusers' transformer/config.json (as diffusers' conversion script writes it).

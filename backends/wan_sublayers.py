@@ -13,7 +13,10 @@ parameters removed, the transformer's output changes by 0.065 against 0.327 for 
       backend: wan_sublayers      # in place of `backend: wan`
 """
 
+import sys
+
 import backends.wan as wan
+import common
 import models
 
 STAND_IN = models.RemovedBranch
@@ -29,3 +32,16 @@ objective, enable_checkpointing, predict, denoise_inputs = (wan.objective, wan.e
 
 def prunable_blocks(transformer):
     return [f"{block}.{layer}" for block in wan.prunable_blocks(transformer) for layer in SUBLAYERS]
+
+
+def export(args, transformer, out_dir, load_pipeline=load_pipeline):
+    """Write the student as a WanPipeline folder whose transformer has every block, each removed
+    sub-layer with its weights zero (WanTransformerBlock cannot drop one): the student's outputs,
+    at the full model's cost; vip's loader (its student.json) runs without them."""
+    dtype = common.weight_dtype(args.mixed_precision)  # the dtype vip generates in
+    exported = models.with_blocks_zeroed(sys.modules[__name__], transformer, dtype=dtype)
+    load_pipeline(args, exported, dtype=dtype).save_pretrained(out_dir)
+    return {"denoiser": exported, "pipeline": "WanPipeline", "runs_removed": True,
+            "form": "a WanTransformer3DModel of every block, each removed sub-layer's weights zero: the student's "
+                    "outputs exactly, but at the full model's cost (diffusers' block cannot drop a sub-layer); "
+                    "vip's loader runs the student without them"}

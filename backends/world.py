@@ -28,6 +28,11 @@ def load_pipeline(args, unet, device=None, dtype=None):
     return animatediff.load_pipeline(args, unet, device, dtype, vae_class=world.PixelVAE)
 
 
+def export(args, unet, out_dir):
+    info = animatediff.export(args, unet, out_dir, load_pipeline=load_pipeline)
+    return {**info, "needs": "the world's pixel VAE (world.PixelVAE): vip's folder on the Python path"}
+
+
 def denoise_inputs(unet, batch_size, num_frames, height, width, device=None, dtype=None):
     return animatediff.denoise_inputs(unet, batch_size, num_frames, height, width, device, dtype,
                                       vae_scale_factor=world.FACTOR)

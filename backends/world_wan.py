@@ -65,6 +65,13 @@ def generate(pipe, prompts, seeds, args, return_latents=False):
                                                                   args.width, pipe.vae.config.scale_factor_spatial))
 
 
+WORLD_VAE = "the world's pixel VAE (world.WanPixelVAE): vip's folder on the Python path"
+
+
+def export(args, transformer, out_dir):
+    return {**wan.export(args, transformer, out_dir, load_pipeline=load_pipeline), "needs": WORLD_VAE}
+
+
 def denoise_inputs(transformer, batch_size, num_frames, height, width, device=None, dtype=None):
     factor = vae_scale_factor(transformer)
     h, w = height // factor, width // factor

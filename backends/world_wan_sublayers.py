@@ -17,5 +17,10 @@ required_models, build_tiny, load_denoiser, load_text_encoder = (world_wan.requi
 encode_prompts, load_pipeline, with_denoiser, generate = (world_wan.encode_prompts, world_wan.load_pipeline,
                                                           world_wan.with_denoiser, world_wan.generate)
 vae_scale_factor = world_wan.vae_scale_factor
+
+
+def export(args, transformer, out_dir):
+    info = wan_sublayers.export(args, transformer, out_dir, load_pipeline=load_pipeline)
+    return {**info, "needs": world_wan.WORLD_VAE}
 objective, enable_checkpointing, predict, denoise_inputs = (world_wan.objective, world_wan.enable_checkpointing,
                                                             world_wan.predict, world_wan.denoise_inputs)

@@ -121,3 +121,36 @@ def run_script(*args, env=None, check=True, timeout=600):
     if check and out.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {out.returncode}:\n{out.stderr[-3000:]}")
     return out
+
+
+PLAIN_DIFFUSERS = """
+import importlib.util, json, sys, torch
+assert not any(importlib.util.find_spec(m) for m in ("common", "stage", "provenance", "export", "backends")), "vip found"
+from diffusers import DiffusionPipeline
+folder, call, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+pipe = DiffusionPipeline.from_pretrained(folder)
+pipe.set_progress_bar_config(disable=True)
+generators = [torch.Generator("cpu").manual_seed(s) for s in call.pop("seeds")]
+latents = pipe(**call, generator=generators, output_type="latent").frames
+denoiser = getattr(pipe, "transformer", None) or pipe.unet
+torch.save({"latents": latents, "keys": sorted(denoiser.state_dict()), "pipeline": type(pipe).__name__,
+            "params": sum(p.numel() for p in denoiser.parameters())}, out)
+"""
+
+
+def plain_diffusers(folder, call, tmp_path):
+    """An exported folder as its users load it: DiffusionPipeline.from_pretrained in a process where
+    no vip module can be imported, then a call for `call`'s prompts and seeds. Returns its latents,
+    the denoiser's tensor names and parameter count, and the pipeline's class."""
+    import json
+    import subprocess
+
+    import torch
+
+    out, cwd = tmp_path / "plain.pt", tmp_path / "elsewhere"
+    cwd.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", PLAIN_DIFFUSERS, str(folder), json.dumps(call), str(out)], cwd=cwd,
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(out, weights_only=True)

@@ -9,7 +9,7 @@ import sys
 script, argv = os.path.basename(sys.argv[1]), sys.argv[2:]
 out = argv[argv.index("--output_dir") + 1]
 final = {"prune.py": "ranking.json", "curate.py": "pairs.jsonl", "train_redpo.py": "student/student.json",
-         "evaluate.py": "eval.json"}[script]
+         "evaluate.py": "eval.json", "export.py": "README.md"}[script]
 flags = {}
 for i, a in enumerate(argv):
     if a.startswith("--"):

@@ -102,3 +102,33 @@ def test_loop_rejects_bad_arguments():
     assert out.returncode == 2 and "STAGES must be a whole number from 1 to 999" in out.stderr
     out = subprocess.run(["bash", "vip_loop.sh", "nosuchmodel", "1"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 2 and "configs/nosuchmodel.yaml: no such config" in out.stderr
+
+
+def test_the_loops_last_student_loads_in_plain_diffusers(offline_run, loop_config, tmp_path):
+    """vip_loop.sh ends with export.py: an AnimateDiffPipeline folder that diffusers loads with no vip
+    module on the path and that generates what vip's student does; every tensor name accounted for."""
+    import huggingface_hub
+
+    import export
+    import models
+    import stage
+    from conftest import plain_diffusers
+
+    folder, trained = offline_run / "export", offline_run / "stage_2" / "train" / "student"
+    args = export.parse_args(["--config", loop_config])
+    call = dict(prompt=["a red ball bounces on the floor", "a cat walks in the rain"], num_frames=args.num_frames,
+                height=args.height, width=args.width, num_inference_steps=args.num_inference_steps,
+                guidance_scale=args.guidance_scale, seeds=[0, 1])
+    theirs = plain_diffusers(folder, dict(call), tmp_path)
+    backend = stage.backend_of(args)
+    student = models.load_model(backend, args, student=str(trained))
+    ours = backend.generate(backend.load_pipeline(args, student), call["prompt"], call["seeds"], args, return_latents=True)[1]
+    assert theirs["pipeline"] == "AnimateDiffPipeline" and torch.allclose(theirs["latents"], ours, atol=1e-5)
+    removed = json.loads((trained / "student.json").read_text())["removed_blocks"]
+    emptied = {f"{b}.{p}.{w}" for b in removed for p in ("norm", "proj_in", "proj_out") for w in ("weight", "bias")}
+    assert set(theirs["keys"]) == set(student.state_dict()) | emptied and len(removed) == 2  # both ways
+    card = huggingface_hub.ModelCard.load(folder / "README.md")  # as the hub parses it
+    assert card.data.library_name == "diffusers" and card.data.pipeline_tag == "text-to-video"
+    rows = [line for line in card.text.splitlines() if line.startswith(("| teacher (M0) |", "| stage_2/train |"))]
+    assert len(rows) == 2 and all(r in (offline_run / "eval" / "eval.md").read_text().splitlines() for r in rows)
+    assert "python train_redpo.py --config" in card.text and "--output_dir " + str(offline_run / "export") in card.text

@@ -9,6 +9,7 @@ import torch
 
 import common
 import models
+import stage
 from backends import animatediff
 from backends import videocrafter2 as vc2
 from conftest import ROOT
@@ -191,6 +192,19 @@ def test_vip_loop_runs_one_stage_on_a_tiny_vc2(tmp_path, tiny_reward):
     report = json.loads((run / "eval" / "eval.json").read_text())
     assert [m["label"] for m in report["models"]] == ["teacher (M0)", "stage_1/prune", "stage_1/train"]
     assert report["models"][1]["unet_parameters"] < report["models"][0]["unet_parameters"]
+
+    # The export: VC2's own model.ckpt, read through the official key names, is the student's function.
+    state = vc2.load_official(run / "export" / "model.ckpt")
+    nets = vc2.build_models(*TINY)
+    assert set(state) == set(vc2.official_state_dict(*nets)) | set(vc2.SCHEDULE_BUFFERS)  # both ways
+    unet = vc2.VideoCrafter2UNet(**vc2.TINY_UNET_CONFIG)
+    unet.load_state_dict(vc2.convert_state_dict(state, unet, *nets[1:])[0])
+    args = stage.parse_config(["--config", config], "", {"model": stage.MODEL_OPTIONS})
+    student = models.load_model(vc2, args, student=str(run / "stage_1" / "train" / "student"))
+    x, text = torch.randn(2, 4, 3, 4, 4), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        assert torch.allclose(unet.eval()(x, 500, text).sample, student.eval()(x, 500, text).sample, atol=1e-6)
+    assert all(not v.any() for k, v in unet.state_dict().items() if k.startswith(pruned["removed_blocks"][0] + "."))
 
 
 def test_every_kind_of_block_is_removable_and_removal_saves_parameters_and_flops():

@@ -12,10 +12,11 @@ from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, WanPipelin
 from safetensors import safe_open
 
 import common
+import export
 import models
 import stage
 from backends import wan, wan_sublayers
-from conftest import ROOT, loop_config, run_script
+from conftest import ROOT, loop_config, plain_diffusers, run_script
 
 
 def test_full_size_counts_on_meta_device():
@@ -144,16 +145,17 @@ def test_the_tiny_wan_generates_what_diffusers_own_pipeline_does(tiny_wan):
     assert np.abs(frames / 255.0 - video).max() <= 1 / 255 + 1e-6
 
 
-def test_vip_loop_runs_one_stage_on_a_tiny_wan(tmp_path, tiny_reward):
+@pytest.mark.parametrize("backend", ["wan", "wan_sublayers"])
+def test_vip_loop_runs_one_stage_on_a_tiny_wan_and_exports_it(tmp_path, tiny_reward, backend):
     config = loop_config("tiny_wan", tmp_path / "wan.yaml", fast_except=("build_tiny", "num_frames", "height", "width"),
-                         model={"pretrained_model_name_or_path": str(tmp_path / "models" / "wan")},
+                         model={"pretrained_model_name_or_path": str(tmp_path / "models" / "wan"), "backend": backend},
                          reward={"reward_model": tiny_reward, "reward_num_frames": 9},
                          train={"gradient_checkpointing": True})
     run = tmp_path / "run"
     run_script("bash", "vip_loop.sh", "tiny_wan", "1", env={"CONFIG": config, "RUN_DIR": str(run)},
                timeout=900)
     pruned = json.loads((run / "stage_1" / "prune" / "student" / "student.json").read_text())
-    assert pruned["backend"] == "wan" and pruned["removed_blocks"] == json.loads(
+    assert pruned["backend"] == backend and pruned["removed_blocks"] == json.loads(
         (run / "stage_1" / "prune" / "ranking.json").read_text())["chosen"] and len(pruned["removed_blocks"]) == 1
     rows = stage.read_manifest(run / "stage_1" / "curate" / "pairs.jsonl")
     with safe_open(run / "stage_1" / "curate" / rows[0]["latents"], "pt") as f:  # the trainer runs no text encoder
@@ -163,7 +165,35 @@ def test_vip_loop_runs_one_stage_on_a_tiny_wan(tmp_path, tiny_reward):
     report = json.loads((run / "eval" / "eval.json").read_text())
     assert [m["label"] for m in report["models"]] == ["teacher (M0)", "stage_1/prune", "stage_1/train"]
     assert report["models"][1]["unet_parameters"] < report["models"][0]["unet_parameters"]
-    assert "| Block params | Transformer params |" in (run / "eval" / "eval.md").read_text()
+    assert "params | Transformer params |" in (run / "eval" / "eval.md").read_text()
+
+    # The export: a WanPipeline folder plain diffusers loads, generating what vip's student does.
+    args = export.parse_args(["--config", config])
+    family = stage.backend_of(args)
+    student = models.load_model(family, args, student=str(run / "stage_1" / "train" / "student"))
+    call = dict(prompt=["a red ball bounces", "a cat walks"], negative_prompt=[args.negative_prompt] * 2,
+                num_frames=args.num_frames, height=args.height, width=args.width, guidance_scale=args.guidance_scale,
+                num_inference_steps=args.num_inference_steps, max_sequence_length=args.max_sequence_length, seeds=[0, 1])
+    theirs = plain_diffusers(run / "export", dict(call), tmp_path)
+    ours = family.generate(family.load_pipeline(args, student), call["prompt"], call["seeds"], args, return_latents=True)[1]
+    assert theirs["pipeline"] == "WanPipeline" and torch.allclose(theirs["latents"], ours, atol=1e-5)
+    exported = WanTransformer3DModel.from_pretrained(run / "export" / "transformer")
+    shape = dict(num_frames=args.num_frames, height=args.height, width=args.width)
+    full_flops = models.count_flops(family, family.load_denoiser(args), **shape)
+    removed = pruned["removed_blocks"]
+    if backend == "wan":  # the kept blocks, renumbered: the student's size and speed
+        kept = [i for i in range(6) if f"blocks.{i}" not in removed]
+        names = {k if not k.startswith("blocks.") else
+                 f"blocks.{kept.index(int(k.split('.')[1]))}." + k.split(".", 2)[2] for k in student.state_dict()}
+        assert set(theirs["keys"]) == names and theirs["params"] == models.count_parameters(student)
+        assert models.count_flops(family, exported, **shape) == models.count_flops(family, student, **shape) < full_flops
+    else:  # every sub-layer, the removed one's weights zero: the student's function at the full cost
+        zero = {k for k in theirs["keys"] if k.startswith(removed[0] + ".")}
+        assert set(theirs["keys"]) == set(student.state_dict()) | zero and zero
+        assert all(not exported.state_dict()[k].any() for k in zero)
+        assert models.count_flops(family, exported, **shape) == full_flops
+    assert json.loads((run / "export" / "transformer" / "config.json").read_text())["num_layers"] == (
+        5 if backend == "wan" else 6)
 
 
 def test_stochastic_sampling_draws_each_clips_noise_from_its_own_seed(tiny_wan):
