@@ -120,9 +120,12 @@ def model_card(args, backend, info, student, report):
     shape = dict(num_frames=args.num_frames, height=args.height, width=args.width)
     flops = {"teacher": models.count_flops(backend, teacher, **shape), "student": models.count_flops(backend, student, **shape),
              "export": models.count_flops(backend, info["denoiser"], **shape)}
-    lines = [f"# {os.path.basename(os.path.abspath(args.output_dir))}", "",
-             f"`{args.pretrained_model_name_or_path}` with {len(removed)} of {names['blocks_are']} removed by V.I.P. "
-             f"(prune, then distil from the full model with ReDPO), over {len(stages)} stage(s), made with vip.", "",
+    out = os.path.abspath(args.output_dir)  # the loop's <run>/export is named after its run
+    title = args.hub_model_id or os.path.basename(os.path.dirname(out) if os.path.basename(out) == "export" else out)
+    lines = [f"# {title}", "",
+             f"`{args.pretrained_model_name_or_path}` with {len(removed)} of its {len(backend.prunable_blocks(student))} "
+             f"prunable blocks removed by V.I.P. (prune, then distil from the full model with ReDPO), over "
+             f"{len(stages)} stage(s), made with vip.", "",
              f"This folder holds {info['form']}." + (f" It needs {info['needs']}." if info.get("needs") else ""), ""]
     if report and (rows := eval_rows(report, args.student)):
         table = evaluate.table(rows, report["aspects"], names["blocks"],

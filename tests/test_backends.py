@@ -13,6 +13,7 @@ import yaml
 import common
 import curate
 import evaluate
+import export
 import prune
 import stage
 import train_redpo
@@ -85,6 +86,6 @@ def test_a_new_backend_is_one_module_and_one_config(fast_config, tmp_path):
 @pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
 def test_every_shipped_config_parses_in_every_script(config):
     """Unknown keys are errors: a config the scripts would reject fails here, before anyone's GPU run."""
-    for script in (prune, curate, train_redpo, evaluate):
+    for script in (prune, curate, train_redpo, evaluate, export):
         args = script.parse_args(["--config", str(ROOT / "configs" / config), "--output_dir", "unused"])
         stage.load_backend(args.backend)

@@ -42,7 +42,7 @@ def test_resolved_config_round_trips(tmp_path):
 
 @pytest.mark.parametrize("text, message", [
     ("train:\n  learnig_rate: 1\n", "unknown key 'train.learnig_rate'; valid keys: learning_rate, max_train_steps"),
-    ("trian:\n  x: 1\n", "unknown section 'trian'; valid sections: model, reward, prune, curate, train, eval"),
+    ("trian:\n  x: 1\n", "unknown section 'trian'; valid sections: model, reward, prune, curate, train, eval, export"),
     ("train:\n  max_train_steps: 1.5\n", "train.max_train_steps: expected int, got 1.5"),
     ("model:\n  build_tiny: maybe\n", "model.build_tiny: expected true or false"),
     ("- a\n- b\n", "expected a mapping of sections"),

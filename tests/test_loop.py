@@ -3,6 +3,7 @@ mid-curate and mid-train that, rerun each time, ends where an uninterrupted run 
 Run: python -m pytest -q tests/test_loop.py"""
 import json
 import os
+import shlex
 import signal
 import subprocess
 import time
@@ -131,4 +132,4 @@ def test_the_loops_last_student_loads_in_plain_diffusers(offline_run, loop_confi
     assert card.data.library_name == "diffusers" and card.data.pipeline_tag == "text-to-video"
     rows = [line for line in card.text.splitlines() if line.startswith(("| teacher (M0) |", "| stage_2/train |"))]
     assert len(rows) == 2 and all(r in (offline_run / "eval" / "eval.md").read_text().splitlines() for r in rows)
-    assert "python train_redpo.py --config" in card.text and "--output_dir " + str(offline_run / "export") in card.text
+    assert "python train_redpo.py --config" in card.text and "--output_dir " + shlex.quote(str(folder)) in card.text

@@ -130,7 +130,7 @@ def test_a_cut_changed_redoes_the_stage_and_an_unchanged_rerun_redoes_nothing(ba
 
     before, md = mtimes(rerun), (rerun / "eval" / "eval.md").read_text()
     out = loop(changed, rerun, 1)
-    assert out.count("is done from this config and these inputs; skipping") == 4  # prune, curate, train, evaluate
+    assert out.count("is done from this config and these inputs; skipping") == 5  # the four steps and the export
     assert mtimes(rerun) == before and (rerun / "eval" / "eval.md").read_text() == md
 
 
