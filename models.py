@@ -9,10 +9,13 @@ import json
 import logging
 import os
 import sys
+import warnings
 
 import torch
 import torch.nn as nn
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -181,6 +184,43 @@ def checkpoint_blocks(backend, model):
         module = model.get_submodule(block["name"])
         # use_reentrant=False: the reentrant variant breaks under DDP and with frozen inputs.
         module.forward = lambda *a, _f=module.forward, **k: checkpoint(_f, *a, use_reentrant=False, **k)
+
+
+# -----------------------------------------------------------------------------
+# Sharding: under accelerate's FSDP (configs/accelerate/fsdp.yaml, FSDP2), each of the family's
+# blocks is a unit of its own, and the frozen teacher is sharded as the student is.
+
+
+def is_sharded(accelerator):
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def wrap_by_blocks(accelerator, backend):
+    """FSDP wraps each module of the family's block classes (backend.FSDP_WRAP), not by a size
+    threshold, unless the accelerate config names its own (fsdp_transformer_layer_cls_to_wrap)."""
+    plugin = accelerator.state.fsdp_plugin
+    if plugin.transformer_cls_names_to_wrap is None:
+        plugin.transformer_cls_names_to_wrap = list(backend.FSDP_WRAP)
+    # The denoisers return views (`.sample`); the losses read them out of place, which FSDP2 allows.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+
+
+def shard_frozen(accelerator, model):
+    """FSDP2 over a frozen model (the teacher), unit by unit as the student, with the same mixed
+    precision, and outside the training state (its checkpoints hold only the student): a 14B
+    teacher is 28.6 GB in bf16, too much to keep whole beside a student's shards on every GPU."""
+    plugin = accelerator.state.fsdp_plugin
+    options = dict(mp_policy=plugin.mixed_precision_policy or MixedPrecisionPolicy(), reshard_after_forward=True)
+    units = set(plugin.transformer_cls_names_to_wrap or ())
+    for module in model.modules():
+        if type(module).__name__ in units:
+            fully_shard(module, **options)
+    return fully_shard(model, **options)
+
+
+def local(tensor):
+    """A parameter's own shard (FSDP2's DTensor), or the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 # -----------------------------------------------------------------------------

@@ -273,7 +273,7 @@ def save_config(args, path):
 # -----------------------------------------------------------------------------
 # Backends: a model family is one module of backends/ with the names below (backends/README.md).
 
-BACKEND_NAMES = ("OPTIONS", "STUDENT_KEYS", "TABLE", "TRAINABLE", "required_models", "build_tiny", "load_denoiser",
+BACKEND_NAMES = ("OPTIONS", "STUDENT_KEYS", "TABLE", "TRAINABLE", "FSDP_WRAP", "required_models", "build_tiny", "load_denoiser",
                  "load_text_encoder", "encode_prompts", "load_pipeline", "with_denoiser", "generate",
                  "objective", "enable_checkpointing", "predict", "prunable_blocks", "denoise_inputs", "export")
 

@@ -160,6 +160,17 @@ def check_mp4(path, where):
         raise common.ConfigError(f"{where}: {path} is not a whole MP4 (corrupt or truncated)")
 
 
+def pair_noise(objective, seed, micro_step, pairs, rank, world, shape):
+    """Each pair's noise and timestep: drawn for the whole global batch (every process's pairs) from
+    one generator of (seed, micro-step) and sliced to this process's, so the same pairs get the same
+    draws however many processes share them (a 1-process run of the same effective batch trains the
+    same student), and a resumed run draws what the uninterrupted one did, whatever the loaders read."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + micro_step * 1009)
+    mine = slice(rank * pairs, (rank + 1) * pairs)
+    noise = torch.randn((pairs * world, *shape), generator=gen)[mine]
+    return noise, objective.sample_timesteps(pairs * world, gen)[mine]
+
+
 def collate(rows):
     # Diffusion-DPO layout: the B winners first, then their B losers.
     latents = torch.stack([r["winner"] for r in rows] + [r["loser"] for r in rows])
@@ -252,6 +263,8 @@ def validate(accelerator, args, backend, student, step, prompts, pipe):
     with accelerator.autocast():  # the student trains in float32, the frozen parts run in the training dtype
         frames = backend.generate(backend.with_denoiser(pipe, unet), prompts, list(range(len(prompts))), args)
     unet.train()
+    if not accelerator.is_main_process:  # a sharded student's other processes only lend their shards
+        return []
     folder = os.path.join(args.output_dir, "validation", f"step-{step}")
     paths = []
     for i, (video, prompt) in enumerate(zip(frames, prompts)):
@@ -334,7 +347,12 @@ def main(args):
                                  num_training_steps=args.max_train_steps * accelerator.num_processes)
     cost = stage.Ledger("train")
     cost.watch(teacher, role="teacher"), cost.watch(student, role="student")
+    if models.is_sharded(accelerator):  # FSDP: each of the family's blocks a unit, the teacher sharded too
+        models.wrap_by_blocks(accelerator, backend)
     student, optimizer, loader, lr_scheduler = accelerator.prepare(student, optimizer, loader, lr_scheduler)
+    params = [p for p in student.parameters() if p.requires_grad]  # FSDP has replaced them by their shards
+    if models.is_sharded(accelerator):
+        teacher = models.shard_frozen(accelerator, teacher)
     updates_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
     num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
 
@@ -383,12 +401,11 @@ def main(args):
                 with accelerator.accumulate(student):
                     latents = batch["latents"]  # (2B, C, F, h, w): winners then losers
                     n = latents.shape[0] // 2
-                    # Noise and timesteps are a function of (seed, batch, process) alone, so a resumed run
-                    # draws exactly what the uninterrupted one did, whatever the loaders consumed.
-                    gen = torch.Generator().manual_seed(args.seed * 1_000_003 + micro_step * 1009 + accelerator.process_index)
+                    noise, timesteps = pair_noise(objective, args.seed, micro_step, n, accelerator.process_index,
+                                                  accelerator.num_processes, latents.shape[1:])
                     micro_step += 1
-                    noise = torch.randn(latents[:n].shape, generator=gen).to(latents).repeat(2, 1, 1, 1, 1)  # one per pair
-                    timesteps = objective.sample_timesteps(n, gen).to(latents.device).repeat(2)  # one per pair
+                    noise = noise.to(latents).repeat(2, 1, 1, 1, 1)  # one per pair: winner and loser share it
+                    timesteps = timesteps.to(latents.device).repeat(2)
                     noisy = objective.add_noise(latents, noise, timesteps)
                     target = objective.target(latents, noise, timesteps)
                     with torch.no_grad():
@@ -411,7 +428,7 @@ def main(args):
                 if accelerator.sync_gradients:
                     global_step += 1
                     # The updated weights, before anything saves them: a checkpoint is always a good one.
-                    check_finite(accelerator, args, bool(torch.stack([p.detach().isfinite().all() for p in params]).all()),
+                    check_finite(accelerator, args, all(bool(models.local(p.detach()).isfinite().all()) for p in params),
                                  "weights", global_step)
                     bar.update(1)
                     metrics["lr"] = lr_scheduler.get_last_lr()[0]
@@ -423,7 +440,9 @@ def main(args):
                             log.flush()
                     if global_step % args.checkpointing_steps == 0:
                         save_checkpoint(accelerator, args, global_step)
-                    if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
+                    # A sharded student generates on every process (each call gathers its shards); a whole one on the main.
+                    if args.validation_steps and global_step % args.validation_steps == 0 and (
+                            accelerator.is_main_process or models.is_sharded(accelerator)):
                         if validation_pipe is None:  # the frozen VAE and text encoder, loaded on first use
                             validation_pipe = backend.load_pipeline(args, teacher, accelerator.device, dtype)
                         validate(accelerator, args, backend, student, global_step, validation_prompts, validation_pipe)

@@ -27,6 +27,7 @@ OPTIONS = {
 STUDENT_KEYS = ("pretrained_model_name_or_path", "motion_adapter")  # a student's base model, beside the backend
 TABLE = {"blocks": "Motion params", "blocks_are": "the motion modules (the paper's count)", "denoiser": "UNet"}
 TRAINABLE = {"motion_modules": lambda name: ".motion_modules." in name, "unet": lambda name: True}
+FSDP_WRAP = ("AnimateDiffTransformer3D", "Transformer2DModel", "ResnetBlock2D")  # the motion modules, SD's blocks
 SD_FILES = ["unet/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer/tokenizer_config.json",
             "scheduler/scheduler_config.json"]
 

@@ -519,6 +519,7 @@ TABLE = {"blocks": "Block params", "blocks_are": "the prunable blocks", "denoise
 TEMPORAL = ("transformer_in.", ".temp_convs.", ".temp_attentions.")
 TRAINABLE = {"motion_modules": lambda name: any(t in name or name.startswith(t) for t in TEMPORAL),
              "unet": lambda name: True}
+FSDP_WRAP = ("ResnetBlock2D", "TemporalConvLayer", "Transformer2DModel", "TransformerTemporalModel")
 with_denoiser = animatediff.with_denoiser
 generate = models.generate
 

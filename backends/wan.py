@@ -48,6 +48,7 @@ OPTIONS = {
 STUDENT_KEYS = ()
 TABLE = {"blocks": "Block params", "blocks_are": "the transformer blocks", "denoiser": "transformer"}
 TRAINABLE = {"transformer": lambda name: True, "blocks": lambda name: name.startswith("blocks.")}
+FSDP_WRAP = ("WanTransformerBlock",)
 FOLDERS = ["transformer/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer/tokenizer_config.json",
            "scheduler/scheduler_config.json"]
 

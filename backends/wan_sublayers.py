@@ -21,7 +21,7 @@ import models
 
 STAND_IN = models.RemovedBranch
 SUBLAYERS = ("attn1", "attn2", "ffn")
-OPTIONS, STUDENT_KEYS, TRAINABLE = wan.OPTIONS, wan.STUDENT_KEYS, wan.TRAINABLE
+OPTIONS, STUDENT_KEYS, TRAINABLE, FSDP_WRAP = wan.OPTIONS, wan.STUDENT_KEYS, wan.TRAINABLE, wan.FSDP_WRAP
 TABLE = {"blocks": "Sub-layer params", "blocks_are": "the transformer blocks' sub-layers", "denoiser": "transformer"}
 required_models, build_tiny, load_denoiser, load_text_encoder = (wan.required_models, wan.build_tiny, wan.load_denoiser,
                                                                  wan.load_text_encoder)

@@ -10,7 +10,8 @@ from common import ConfigError
 OPTIONS = {**animatediff.OPTIONS,
            "pretrained_model_name_or_path": ("weights/world/sd", "the world teacher's SD-layout folder"),
            "motion_adapter": ("weights/world/motion_adapter", "the world teacher's motion modules", {"input": True})}
-STUDENT_KEYS, TABLE, TRAINABLE = animatediff.STUDENT_KEYS, animatediff.TABLE, animatediff.TRAINABLE
+STUDENT_KEYS, TABLE, TRAINABLE, FSDP_WRAP = (animatediff.STUDENT_KEYS, animatediff.TABLE, animatediff.TRAINABLE,
+                                            animatediff.FSDP_WRAP)
 required_models, load_denoiser, prunable_blocks = animatediff.required_models, animatediff.load_denoiser, \
     animatediff.prunable_blocks
 load_text_encoder, encode_prompts, with_denoiser = animatediff.load_text_encoder, animatediff.encode_prompts, \

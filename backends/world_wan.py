@@ -16,7 +16,7 @@ from common import ConfigError
 OPTIONS = {**wan.OPTIONS,
            "pretrained_model_name_or_path": ("weights/world_wan", "the world's DiT teacher, a WanPipeline folder"),
            "max_sequence_length": (8, "text tokens: a world prompt is 6 words and 2 marks", {"min": 1})}
-STUDENT_KEYS, TABLE, TRAINABLE = wan.STUDENT_KEYS, wan.TABLE, wan.TRAINABLE
+STUDENT_KEYS, TABLE, TRAINABLE, FSDP_WRAP = wan.STUDENT_KEYS, wan.TABLE, wan.TRAINABLE, wan.FSDP_WRAP
 load_denoiser, prunable_blocks, load_text_encoder = wan.load_denoiser, wan.prunable_blocks, wan.load_text_encoder
 encode_prompts, with_denoiser, objective = wan.encode_prompts, wan.with_denoiser, wan.objective
 predict, enable_checkpointing = wan.predict, wan.enable_checkpointing

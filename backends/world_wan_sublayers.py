@@ -10,7 +10,8 @@ any one leaves nothing a student could be trained back from (docs/world.md, "The
 import backends.wan_sublayers as wan_sublayers
 import backends.world_wan as world_wan
 
-OPTIONS, STUDENT_KEYS, TRAINABLE = world_wan.OPTIONS, world_wan.STUDENT_KEYS, world_wan.TRAINABLE
+OPTIONS, STUDENT_KEYS, TRAINABLE, FSDP_WRAP = (world_wan.OPTIONS, world_wan.STUDENT_KEYS, world_wan.TRAINABLE,
+                                              world_wan.FSDP_WRAP)
 TABLE, STAND_IN, prunable_blocks = wan_sublayers.TABLE, wan_sublayers.STAND_IN, wan_sublayers.prunable_blocks
 required_models, build_tiny, load_denoiser, load_text_encoder = (world_wan.required_models, world_wan.build_tiny,
                                                                  world_wan.load_denoiser, world_wan.load_text_encoder)

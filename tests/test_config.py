@@ -118,4 +118,5 @@ def test_accelerate_configs_load_as_accelerate_reads_them(name, kind):
         assert config.deepspeed_config["zero_stage"] == 2
         assert config.deepspeed_config["gradient_accumulation_steps"] == train["gradient_accumulation_steps"]
     if kind == "FSDP":
-        assert config.fsdp_config["fsdp_use_orig_params"] is True  # part of the UNet is frozen
+        assert config.fsdp_config["fsdp_version"] == 2  # per-parameter: part of the model is frozen
+        assert config.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"  # the family's blocks
