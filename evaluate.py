@@ -17,6 +17,7 @@ report.html (the table, aspects.png with each aspect across the models, and the 
 by side for the same prompts and seeds), videos/<model>/ (every evaluated video), config.yaml.
 """
 
+import gc
 import hashlib
 import html
 import json
@@ -113,12 +114,41 @@ def median(times):
     return times[len(times) // 2]
 
 
-def measure(backend, model, pipe, args, prompt, path):
+class OneStudentAtATime:
+    """The teacher's pipeline, and one student's around it at a time (`held[k]`, the pipeline of
+    model k): a table of many large students (six 14B ones after three stages) holds two denoisers,
+    not all. The items come in the models' order, so each is loaded once."""
+
+    def __init__(self, backend, args, paths, device, dtype, cost):
+        self.backend, self.args, self.paths, self.device, self.dtype, self.cost = backend, args, paths, device, dtype, cost
+        self.teacher = models.load_model(backend, args, dtype=dtype).to(device)
+        self.pipe = backend.load_pipeline(args, self.teacher, device=device, dtype=dtype)
+        cost.watch(self.teacher)
+        self.key = self.model = self.student_pipe = None
+
+    def __getitem__(self, key):
+        return self.pipe if key == "teacher" else self._student(key)[1]
+
+    def model_of(self, key):
+        return self.teacher if key == "teacher" else self._student(key)[0]
+
+    def _student(self, key):
+        if key != self.key:
+            self.model = self.student_pipe = None  # the one held so far goes first
+            gc.collect()
+            self.model = models.load_model(self.backend, self.args, student=self.paths[key], dtype=self.dtype).to(self.device)
+            self.cost.watch(self.model)
+            self.student_pipe, self.key = self.backend.with_denoiser(self.pipe, self.model), key
+        return self.model, self.student_pipe
+
+
+def measure(backend, held, key, args, prompt, path):
     """A model's parameters, FLOPs and latencies, measured once and kept in `path`: a later
     evaluation with more students does not measure the models it has measured."""
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
+    model, pipe = held.model_of(key), held[key]
     result = {"motion_parameters": models.block_parameters(backend, model), "unet_parameters": models.count_parameters(model),
               "flops_per_step": models.count_flops(backend, model, args.num_frames, args.height, args.width),
               "latency_runs_s": measure_latency(backend, pipe, args, args.latency_runs, prompt)}
@@ -203,10 +233,10 @@ def main(args):
     if args.output_dir is None:
         raise common.ConfigError("--output_dir is required (eval.output_dir in the config)")
     # Inputs first: nothing in the output folder is touched until they are all good.
-    for s in args.students:
-        models.read_student_meta(s)
     prompts = stage.read_prompts(args.eval_prompts)[: args.num_eval_prompts]
     backend = stage.backend_of(args)
+    for s in args.students:
+        models.check_student(backend, args, s)
     stage.check_models(args, backend.required_models(args) + rewards.required_models(args),
                        build=(backend.build_tiny, rewards.build_tiny))
     accelerator = Accelerator()
@@ -225,12 +255,6 @@ def main(args):
     second = rewards.beside(args)
     paths = [None] + list(args.students)
     keys = [model_key(i) for i in [None] + made["eval"]["students"]]  # one a path; a model given twice, one key
-    unets = {}
-    for path, k in zip(paths, keys):
-        if k not in unets:
-            unets[k] = models.load_model(backend, args, student=path, dtype=dtype).to(accelerator.device)
-    pipe = backend.load_pipeline(args, unets["teacher"], device=accelerator.device, dtype=dtype)
-    pipes = {k: pipe if k == "teacher" else backend.with_denoiser(pipe, u) for k, u in unets.items()}
     # Items are keyed by the model's contents, the prompt's text and the seed: they stay valid whichever
     # students and prompts a later call lists.
     provenance.start(accelerator, out, made, args, ["eval.json", "eval.md", "report.html", "aspects.png", "items",
@@ -239,17 +263,17 @@ def main(args):
 
     n = args.videos_per_prompt
     items = [{"id": f"{k}__{prompt_key(p, args.seed + i * n + j)}", "model": k, "prompt": p, "seed": args.seed + i * n + j}
-             for k in unets for i, p in enumerate(prompts) for j in range(n)]
+             for k in dict.fromkeys(keys) for i, p in enumerate(prompts) for j in range(n)]
 
     cost, kept = stage.Ledger("evaluate"), teacher_cache.TeacherCache(args, made)
-    cost.watch(*unets.values())
+    held = OneStudentAtATime(backend, args, dict(zip(keys, paths)), accelerator.device, dtype, cost)
 
     def work(chunk):
         results = {}
         for k in dict.fromkeys(c["model"] for c in chunk):
             group = [c for c in chunk if c["model"] == k]
             prompts_, seeds = [c["prompt"] for c in group], [c["seed"] for c in group]
-            frames, scores = teacher_cache.frames_and_scores(kept if k == "teacher" else None, backend, pipes[k], reward,
+            frames, scores = teacher_cache.frames_and_scores(kept if k == "teacher" else None, backend, held[k], reward,
                                                              prompts_, seeds, args, cost)  # M0's: made once a run
             if second is not None:
                 scores = [{**s, **{f"{a}/features": v for a, v in t.items()}} for s, t in
@@ -270,8 +294,7 @@ def main(args):
             mine = [r for r in results if r["model"] == k]
             scores = {a: sum(r["scores"][a] for r in mine) / len(mine) for a in mine[0]["scores"]}
             with cost.as_role("teacher" if k == "teacher" else "student"):
-                measured = measure(backend, unets[k], pipes[k], args, prompts[0],
-                                   os.path.join(out, "items", f"{k}.measured.json"))
+                measured = measure(backend, held, k, args, prompts[0], os.path.join(out, "items", f"{k}.measured.json"))
             entries.append({
                 "label": label(path), "path": path or "M0", "key": k, "scores": scores,
                 "average": sum(scores[a] for a in args.aspects) / len(args.aspects), **measured,

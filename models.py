@@ -259,16 +259,20 @@ def _student_state(backend, model, weights):
     return {k: v for k, v in model.state_dict().items() if keep(k)}
 
 
+def check_student(backend, args, student):
+    """A student's student.json, checked to name the configured base model; returns it."""
+    meta = read_student_meta(student)
+    for key in ("backend", *backend.STUDENT_KEYS):
+        if key not in meta or not _same_model(meta[key], getattr(args, key)):
+            raise ConfigError(f"{student}/student.json: {key} is {meta.get(key)!r} but the config's is "
+                              f"{getattr(args, key)!r}; expected a student of the configured base model")
+    return meta
+
+
 def load_model(backend, args, student=None, dtype=None):
     """The denoiser of `args` (the full model M0, built tiny first with build_tiny), or with
     `student`, a folder written by `save_student`, its blocks removed and its weights loaded."""
-    meta = None
-    if student is not None:
-        meta = read_student_meta(student)
-        for key in ("backend", *backend.STUDENT_KEYS):
-            if key not in meta or not _same_model(meta[key], getattr(args, key)):
-                raise ConfigError(f"{student}/student.json: {key} is {meta.get(key)!r} but the config's is "
-                                  f"{getattr(args, key)!r}; expected a student of the configured base model")
+    meta = None if student is None else check_student(backend, args, student)
     if args.build_tiny:
         backend.build_tiny(args)
     model = backend.load_denoiser(args, dtype=dtype)

@@ -11,6 +11,8 @@
 # Env: LAUNCH (how each script starts; default "python"), RUN_DIR (default runs/<MODEL>, or
 # runs/<MODEL>-offline), CONFIG (default configs/<MODEL>.yaml), TEACHER_CACHE (where M0's videos are
 # kept for every stage; default <RUN_DIR>/teacher); paths given are taken from the caller's folder.
+# Across machines, every machine runs this loop with its MACHINE_RANK (0 for the main one) and a
+# LAUNCH naming it (examples/slurm/vip_loop.sbatch): each step starts on all of them at once.
 # Every step skips what it finished from the same config and inputs, and redoes what depends on
 # anything changed since, so a killed or changed run is finished by running the same command again.
 # It ends with the run's cost (ledger.py).
@@ -44,9 +46,11 @@ run=${RUN_DIR:-runs/$model$suffix}
 teacher=${TEACHER_CACHE:-$run/teacher}   # M0's videos, made once a run (teacher_cache.py)
 read -r -a launch <<< "${LAUNCH:-python}"
 # One loop per run folder: a second one on the same folder stops here, naming the first (after
-# waiting a few seconds, in which a just-killed first one finishes exiting).
+# waiting a few seconds, in which a just-killed first one finishes exiting). The other machines of a
+# run follow the main one's loop.
+rank=${MACHINE_RANK:-0}
 mkdir -p "$run"
-if command -v flock >/dev/null; then
+if command -v flock >/dev/null && [ "$rank" = 0 ]; then
   exec 9>>"$run/.lock"
   flock -w 5 9 || { echo "error: $run: in use by $(cat "$run/.lock"); wait for it to finish or stop it" >&2; exit 2; }
   : > "$run/.lock"
@@ -79,5 +83,7 @@ for ((k = 1; k <= stages; k++)); do
 done
 # The last student, as the folder its family's users load (diffusers), with its model card.
 "${launch[@]}" export.py --config "$config" --student "$run/stage_$stages/train/student" --output_dir "$run/export"
-python ledger.py "$run"
-echo "== done: $run/eval/eval.md, $run/export, $run/cost.md"
+if [ "$rank" = 0 ]; then
+  python ledger.py "$run"
+  echo "== done: $run/eval/eval.md, $run/export, $run/cost.md"
+fi

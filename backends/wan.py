@@ -188,9 +188,9 @@ def predict(transformer, noisy, timesteps, text):
 
 
 def denoise_inputs(transformer, batch_size, num_frames, height, width, device=None, dtype=None, text_length=512):
-    frames = (num_frames - 1) // 4 + 1
-    sample = torch.randn(batch_size, transformer.config.in_channels, frames, height // 8, width // 8, device=device,
-                         dtype=dtype)
+    frames, factor = (num_frames - 1) // 4 + 1, vae_factor(transformer)
+    sample = torch.randn(batch_size, transformer.config.in_channels, frames, height // factor, width // factor,
+                         device=device, dtype=dtype)
     text = torch.randn(batch_size, text_length, transformer.config.text_dim, device=device, dtype=dtype)
     return sample, torch.full((batch_size,), 500.0, device=device), text
 
@@ -219,10 +219,19 @@ def export(args, transformer, out_dir, load_pipeline=load_pipeline):
             "form": "a WanTransformer3DModel of the kept blocks, renumbered: the student's outputs and its speed"}
 
 
-# Wan-AI/Wan2.1-T2V-1.3B-Diffusers' transformer/config.json (as diffusers' conversion script writes it).
+# Wan-AI/Wan2.1-T2V-1.3B-Diffusers' transformer/config.json (as diffusers' conversion script writes it),
+# and the larger ones' from Wan's own configs (dim = heads x 128, ffn_dim, layers; Wan2.2's 48 latent
+# channels): Wan2.1's wan/configs/wan_t2v_14B.py, Wan2.2's wan/configs/wan_ti2v_5B.py.
 CONFIG_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
                    text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
                    qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+CONFIG_14B = dict(CONFIG_1_3B, num_attention_heads=40, ffn_dim=13824, num_layers=40)
+CONFIG_5B = dict(CONFIG_1_3B, num_attention_heads=24, ffn_dim=14336, num_layers=30, in_channels=48, out_channels=48)
+
+
+def vae_factor(transformer):
+    """Pixels a latent spans on a side: Wan2.1's VAE (16 latent channels) 8, Wan2.2's (48 channels) 16."""
+    return 16 if transformer.config.in_channels == 48 else 8
 
 
 # -----------------------------------------------------------------------------

@@ -1,6 +1,7 @@
-"""Benchmark: one ReDPO training step on Wan2.1-T2V-1.3B's transformer, and what it holds in memory.
+"""Benchmark: one ReDPO training step on a Wan transformer (--model 1.3b, 5b, 14b), and what it holds in memory.
 
     python benchmarks/wan_step.py                                   # GPU: full size, 81x480x832, bf16
+    python benchmarks/wan_step.py --model 14b --num_layers 4        # GPU: the 14B at reduced depth
     python benchmarks/wan_step.py --flops_only                      # the full-size FLOPs, no GPU
     OMP_NUM_THREADS=1 python benchmarks/wan_step.py --device cpu --num_layers 2 --num_frames 5 \\
         --height 96 --width 160 --iters 1                           # CPU: full width, fewer layers and tokens
@@ -38,7 +39,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_common_args(p)
     p.set_defaults(size="full")
-    p.add_argument("--num_layers", type=int, default=30, help="transformer blocks (the 1.3B has 30)")
+    p.add_argument("--model", choices=sorted(MODELS), default="1.3b",
+                   help="whose published config, at full width: 1.3b (Wan2.1), 5b (Wan2.2-TI2V, 48 latent channels), 14b")
+    p.add_argument("--num_layers", type=int, default=None, help="transformer blocks (default: the model's)")
     p.add_argument("--num_frames", type=int, default=81)
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=832)
@@ -51,11 +54,23 @@ def parse_args(argv=None):
     p.add_argument("--w_sft", type=float, default=1.0)
     args = bench.finish_args(p.parse_args(argv), "wan_step", argv)
     args.variants = [v for v in args.variants.split(",") if v]
+    args.num_layers = args.num_layers or MODELS[args.model]["num_layers"]
     return args
 
 
-def tokens(args):
-    return ((args.num_frames - 1) // 4 + 1) * (args.height // 16) * (args.width // 16)
+# The published transformer configs (backends/wan.py); a latent of the 5B spans 16 pixels a side, else 8.
+MODELS = {"1.3b": wan.CONFIG_1_3B, "5b": wan.CONFIG_5B, "14b": wan.CONFIG_14B}
+
+
+def latents(config, args):
+    """(frames, h, w) of a video's latents."""
+    factor = 16 if config["in_channels"] == 48 else 8
+    return (args.num_frames - 1) // 4 + 1, args.height // factor, args.width // factor
+
+
+def tokens(args, config=wan.CONFIG_1_3B):
+    frames, h, w = latents(config, args)
+    return frames * (h // 2) * (w // 2)  # the 1x2x2 patches
 
 
 def predicted_bytes(params, config, args, checkpointing):
@@ -63,7 +78,7 @@ def predicted_bytes(params, config, args, checkpointing):
     master = 4 if args.weights == "fp32" else 2
     state = params * (master + master + 2 * master)  # weights, gradients, AdamW's two moments
     teacher = params * 2
-    n, layers = 2 * args.pairs * tokens(args), args.num_layers
+    n, layers = 2 * args.pairs * tokens(args, config), args.num_layers
     d, f = config["num_attention_heads"] * config["attention_head_dim"], config["ffn_dim"]
     # One block's backward at its peak: q, k, v, outputs, norms and modulated copies (12d, bf16), the
     # FFN's hidden before and after GELU (2f, bf16), fp32 residual sums (4d).
@@ -76,7 +91,7 @@ def predicted_bytes(params, config, args, checkpointing):
 
 def main(args):
     dtype = bench.torch_dtype(args.dtype)
-    config = dict(wan.CONFIG_1_3B if args.size == "full" else wan.TINY_TRANSFORMER, num_layers=args.num_layers)
+    config = dict(MODELS[args.model] if args.size == "full" else wan.TINY_TRANSFORMER, num_layers=args.num_layers)
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     with torch.device(device):
@@ -85,11 +100,11 @@ def main(args):
     teacher = teacher.to(torch.bfloat16)
     student.train().requires_grad_(True)
     params = models.count_parameters(student)
-    pairs, lat = args.pairs, ((args.num_frames - 1) // 4 + 1, args.height // 8, args.width // 8)
+    pairs, lat, channels = args.pairs, latents(config, args), config["in_channels"]
     g = torch.Generator().manual_seed(args.seed)
     make = (lambda *s: torch.empty(*s, device=device)) if args.device == "meta" else (lambda *s: torch.randn(*s, generator=g).to(device))
-    x0 = make(2 * pairs, 16, *lat)
-    noise = make(pairs, 16, *lat).repeat(2, 1, 1, 1, 1)
+    x0 = make(2 * pairs, channels, *lat)
+    noise = make(pairs, channels, *lat).repeat(2, 1, 1, 1, 1)
     text = make(pairs, args.text_length, config["text_dim"]).repeat(2, 1, 1)
     objective = common.FlowMatching(shift=3.0, sampling="logit_normal")
     t = objective.sample_timesteps(pairs, torch.Generator().manual_seed(args.seed)).repeat(2).to(device)
@@ -117,7 +132,7 @@ def main(args):
             student.enable_gradient_checkpointing()
         else:
             student.disable_gradient_checkpointing()
-        row = {"variant": variant, "params": params, "tokens_per_video": tokens(args), "pairs": pairs,
+        row = {"variant": variant, "params": params, "tokens_per_video": tokens(args, config), "pairs": pairs,
                "predicted_bytes": predicted_bytes(params, config, args, variant == "ckpt")}
         if args.device == "meta":
             counter = FlopCounterMode(display=False)
@@ -126,8 +141,9 @@ def main(args):
             rows.append({**row, "flops": counter.get_total_flops()})
             continue
         bench.peak_memory_reset(device)
-        live = bench.PeakLiveBytes([*student.parameters(), *teacher.parameters(), x0, noise, text, noisy, target]) \
-            if device.type == "cpu" else nullcontext()
+        states = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]  # an earlier variant's
+        live = bench.PeakLiveBytes([*student.parameters(), *teacher.parameters(), *states, x0, noise, text, noisy,
+                                    target]) if device.type == "cpu" else nullcontext()
         try:
             with live:
                 step()  # the first step allocates AdamW's states: the peak of every later one
@@ -143,7 +159,7 @@ def main(args):
         [[r["variant"], f"{r['params'] / 1e6:.2f}", r["tokens_per_video"], r["pairs"],
           bench.fmt(r.get("flops") and r["flops"] / 1e12, ".1f"), "OOM" if r.get("oom") else bench.fmt(r.get("step_s"), ".3f"),
           gb(r.get("peak_bytes")), gb(r["predicted_bytes"])] for r in rows]))
-    return bench.write_results(args, "wan_step", rows, weights=args.weights,
+    return bench.write_results(args, "wan_step", rows, weights=args.weights, model=args.model, num_layers=args.num_layers,
                                video=[args.num_frames, args.height, args.width])
 
 

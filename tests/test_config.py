@@ -106,8 +106,8 @@ def test_bad_prompt_files(tmp_path, name, text, message):
         stage.read_prompts(tmp_path / "missing.txt")
 
 
-@pytest.mark.parametrize("name,kind", [("single_gpu", "NO"), ("multi_gpu", "MULTI_GPU"),
-                                       ("deepspeed_zero2", "DEEPSPEED"), ("fsdp", "FSDP")])
+@pytest.mark.parametrize("name,kind", [("single_gpu", "NO"), ("multi_gpu", "MULTI_GPU"), ("deepspeed_zero2", "DEEPSPEED"),
+                                       ("deepspeed_zero3", "DEEPSPEED"), ("fsdp", "FSDP")])
 def test_accelerate_configs_load_as_accelerate_reads_them(name, kind):
     from accelerate.commands.config.config_args import load_config_from_file
 
@@ -115,7 +115,7 @@ def test_accelerate_configs_load_as_accelerate_reads_them(name, kind):
     assert str(config.distributed_type).rsplit(".", 1)[-1] == kind and config.mixed_precision == "bf16"
     if kind == "DEEPSPEED":  # must equal the training config's, or DeepSpeed and the script disagree
         train = yaml.safe_load((ROOT / "configs" / "animatediff.yaml").read_text())["train"]
-        assert config.deepspeed_config["zero_stage"] == 2
+        assert config.deepspeed_config["zero_stage"] == int(name[-1])
         assert config.deepspeed_config["gradient_accumulation_steps"] == train["gradient_accumulation_steps"]
     if kind == "FSDP":
         assert config.fsdp_config["fsdp_version"] == 2  # per-parameter: part of the model is frozen

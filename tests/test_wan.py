@@ -31,6 +31,21 @@ def test_full_size_counts_on_meta_device():
     assert 200e12 < flops < 400e12 and flops - models.count_flops(wan, transformer, 81, 480, 832) > flops / 40
 
 
+@pytest.mark.parametrize("config, total, layers, block, name", [
+    (wan.CONFIG_14B, 14288.49, 40, 351.39, "wan_14b"), (wan.CONFIG_5B, 4999.79, 30, 163.66, "wan22_5b")])
+def test_the_large_wans_count_as_published_and_their_configs_name_them(config, total, layers, block, name):
+    """Wan2.1-T2V-14B and Wan2.2-TI2V-5B from their published configs, on the meta device."""
+    with torch.device("meta"):
+        transformer = WanTransformer3DModel(**config)
+    blocks = models.list_blocks(wan, transformer)
+    assert round(models.count_parameters(transformer) / 1e6, 2) == total and len(blocks) == layers
+    assert {round(b["params"] / 1e6, 2) for b in blocks} == {block}
+    args = stage.parse_config(["--config", str(ROOT / "configs" / f"{name}.yaml")], "", {"model": stage.MODEL_OPTIONS})
+    wan.required_models(args)  # its video size is one Wan takes
+    sample = wan.denoise_inputs(transformer, 1, args.num_frames, args.height, args.width, device="meta")[0]
+    assert sample.shape[1] == config["in_channels"] and sample.shape[3] * wan.vae_factor(transformer) == args.height
+
+
 def test_flow_matching_noises_and_targets_as_rectified_flow():
     x0, noise = torch.randn(2, 16, 3, 4, 4), torch.randn(2, 16, 3, 4, 4)
     objective = common.FlowMatching(shift=3.0, sampling="logit_normal")
