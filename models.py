@@ -14,6 +14,7 @@ import warnings
 import torch
 import torch.nn as nn
 from accelerate.utils import DistributedType
+from accelerate.utils.dataclasses import get_module_class_from_name
 from safetensors.torch import load_file, save_file
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
@@ -211,9 +212,9 @@ def shard_frozen(accelerator, model):
     teacher is 28.6 GB in bf16, too much to keep whole beside a student's shards on every GPU."""
     plugin = accelerator.state.fsdp_plugin
     options = dict(mp_policy=plugin.mixed_precision_policy or MixedPrecisionPolicy(), reshard_after_forward=True)
-    units = set(plugin.transformer_cls_names_to_wrap or ())
+    units = tuple(get_module_class_from_name(model, name) for name in plugin.transformer_cls_names_to_wrap or ())
     for module in model.modules():
-        if type(module).__name__ in units:
+        if isinstance(module, tuple(u for u in units if u is not None)):
             fully_shard(module, **options)
     return fully_shard(model, **options)
 

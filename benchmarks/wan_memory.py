@@ -16,7 +16,8 @@ The terms, P parameters, N GPUs (per GPU):
 - teacher: bf16, whole (2 P) where it stays outside the sharding (DDP, ZeRO), sharded like the
   student under FSDP (train_redpo.py does it: 2 P / N, plus its gathered block).
 - activations: benchmarks/wan_step.py's arithmetic (each block's bf16 input kept, one block
-  recomputed at a time), checked against measured CPU peaks at reduced depth (README, docs/wan.md).
+  recomputed at a time), checked against measured CPU peaks at reduced depth (docs/wan.md); AdamW's
+  step holds one more fp32 copy of the weights it updates, and the peak is the larger of the two.
 """
 
 import argparse
@@ -54,15 +55,18 @@ def counts(config):
 
 
 def per_gpu(params, block, activations, n, config):
-    """Bytes a GPU holds at a step's peak under `config` with `n` GPUs (see the module docstring)."""
+    """Bytes a GPU holds at a step's peak under `config` with `n` GPUs (see the module docstring):
+    the backward's activations or AdamW's step (one more fp32 copy of the weights it holds, on the
+    GPU unless offloaded), whichever is larger."""
     shard = lambda b: b / n  # noqa: E731
+    step = 0 if config.endswith("offload") else 4 * params if config == "DDP" else shard(4 * params)
     units = 4 * block + 4 * block  # a block gathered in bf16 and its prefetched next; its fp32 gradients
     student = {"DDP": 16 * params + 4 * params,
                "ZeRO-2": 2 * params + shard(14 * params) + 1e9, "ZeRO-2 + offload": 2 * params + shard(2 * params) + 1e9,
                "ZeRO-3": shard(16 * params) + units, "ZeRO-3 + offload": units,
                "FSDP": shard(16 * params) + units, "FSDP + offload": units}[config]
     teacher = shard(2 * params) + 4 * block if config.startswith("FSDP") else 2 * params
-    return student + teacher + activations
+    return student + teacher + max(activations, step)
 
 
 def main(args):
@@ -72,8 +76,7 @@ def main(args):
         params, block = counts(config)
         video = argparse.Namespace(num_frames=frames, height=height, width=width, pairs=1, weights="fp32",
                                    num_layers=config["num_layers"])
-        state_and_teacher = wan_step.predicted_bytes(params, config, video, checkpointing=True)
-        activations = state_and_teacher - 18 * params  # wan_step's arithmetic less its state (16 P) and teacher (2 P)
+        activations = wan_step.activation_bytes(config, video, checkpointing=True)
         row = {"model": model, "params": params, "block_params": block, "tokens_per_video": wan_step.tokens(video, config),
                "activations_bytes": activations}
         row.update({c: per_gpu(params, block, activations, args.gpus, c) for c in CONFIGS})

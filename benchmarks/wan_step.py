@@ -73,20 +73,25 @@ def tokens(args, config=wan.CONFIG_1_3B):
     return frames * (h // 2) * (w // 2)  # the 1x2x2 patches
 
 
-def predicted_bytes(params, config, args, checkpointing):
-    """The README's arithmetic: student state, bf16 teacher, activations kept for backward."""
-    master = 4 if args.weights == "fp32" else 2
-    state = params * (master + master + 2 * master)  # weights, gradients, AdamW's two moments
-    teacher = params * 2
+def activation_bytes(config, args, checkpointing):
+    """What the backward holds beyond the weights: each block's bf16 input kept and one block
+    recomputed at a time with checkpointing, every block's activations without."""
     n, layers = 2 * args.pairs * tokens(args, config), args.num_layers
     d, f = config["num_attention_heads"] * config["attention_head_dim"], config["ffn_dim"]
     # One block's backward at its peak: q, k, v, outputs, norms and modulated copies (12d, bf16), the
     # FFN's hidden before and after GELU (2f, bf16), fp32 residual sums (4d).
     block = n * (12 * d * 2 + 2 * f * 2 + 4 * d * 4)
-    if checkpointing:  # each block keeps only its bf16 input, and one block is recomputed at a time
-        return state + teacher + layers * n * d * 2 + block
-    # 30 d bytes a token a block: measured (2 blocks of full width, 2,520 tokens a video, bf16)
-    return state + teacher + layers * n * 30 * d
+    # 30 d bytes a token a block without: measured (2 blocks of full width, 2,520 tokens a video, bf16)
+    return layers * n * d * 2 + block if checkpointing else layers * n * 30 * d
+
+
+def predicted_bytes(params, config, args, checkpointing):
+    """The README's arithmetic: student state, bf16 teacher, and the larger of the backward's
+    activations and AdamW's step, whose foreach ops hold one more fp32 copy of the weights (4 P;
+    measured: the 14B's width at one block, 12.87 GB against 12.85)."""
+    master = 4 if args.weights == "fp32" else 2
+    state = params * (master + master + 2 * master)  # weights, gradients, AdamW's two moments
+    return state + params * 2 + max(activation_bytes(config, args, checkpointing), master * params)
 
 
 def main(args):
