@@ -236,7 +236,8 @@ def comparison_table(results, aspects):
         x, y = [average(r, aspects) for r in results[a]], [average(r, aspects) for r in results[b]]
         mean, low, high = paired_interval(x, y)
         d = np.subtract(x, y)
-        verdict = f"{a.lstrip('+')} above" if low > 0 else f"{b.lstrip('+')} above" if high < 0 else "not resolved"
+        first, second = name.split(" - ")
+        verdict = f"{first} above" if low > 0 else f"{second} above" if high < 0 else "not resolved"
         lines.append(f"| {name} | {mean:+.3f} | [{low:+.3f}, {high:+.3f}] | {(d > 0).sum()} / {(d < 0).sum()} | {verdict} |")
     return "\n".join(lines) + "\n"
 

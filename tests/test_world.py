@@ -432,6 +432,9 @@ def test_the_paired_interval_is_students_t_by_hand():
     table = ablation.comparison_table(results, common.ASPECTS[:4])
     assert "| ReDPO - SFT | +0.117 | [+0.045, +0.188] | 3 / 0 | ReDPO above |" in table
     assert "| online - offline | +0.033 | [-0.346, +0.413] | 1 / 1 | not resolved |" in table  # t(0.975, 2) = 4.3027
+    results["+ReDPO offline"] = [dict.fromkeys(common.ASPECTS[:4], v + 0.2) for v in (3.4, 3.5, 3.45)]
+    assert "| online - offline | -0.200 | [-0.200, -0.200] | 0 / 3 | offline above |" in \
+        ablation.comparison_table(results, common.ASPECTS[:4])  # each side named as the comparison names it
 
 
 def test_a_list_of_num_blocks_cuts_by_stage(tiny_stage, tmp_path):
