@@ -184,8 +184,8 @@ def main(args):
         if getattr(args, key) is None:
             raise common.ConfigError(f"--{key} is required (export.{key} in the config)")
     # Inputs first: nothing in the output folder is touched until they are all good.
-    models.read_student_meta(args.student)
     backend = stage.backend_of(args)
+    models.check_student(backend, args, args.student)
     stage.check_models(args, backend.required_models(args), build=(backend.build_tiny,))
     if args.eval_json is None:  # the loop's: <run>/stage_<k>/<step>/student -> <run>/eval/eval.json
         found = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(args.student)))),

@@ -212,9 +212,10 @@ def shard_frozen(accelerator, model):
     teacher is 28.6 GB in bf16, too much to keep whole beside a student's shards on every GPU."""
     plugin = accelerator.state.fsdp_plugin
     options = dict(mp_policy=plugin.mixed_precision_policy or MixedPrecisionPolicy(), reshard_after_forward=True)
-    units = tuple(get_module_class_from_name(model, name) for name in plugin.transformer_cls_names_to_wrap or ())
+    found = (get_module_class_from_name(model, name) for name in plugin.transformer_cls_names_to_wrap or ())
+    units = tuple(cls for cls in found if cls is not None)
     for module in model.modules():
-        if isinstance(module, tuple(u for u in units if u is not None)):
+        if isinstance(module, units):
             fully_shard(module, **options)
     return fully_shard(model, **options)
 
