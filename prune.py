@@ -18,8 +18,10 @@ import argparse
 import hashlib
 import os
 
+import torch
 from accelerate import Accelerator
 
+import block_ranking
 import common
 import models
 import provenance
@@ -41,6 +43,12 @@ OPTIONS = {
     "num_stages": (None, "the run's stages in all (vip_loop.sh passes STAGES): this stage's cut and the later "
                          "ones' are checked at once against the blocks the model has", {"type": int, "min": 1}),
     "seed": (0, "video i uses seed + i, the same for every candidate", {"min": 0}),
+    "scan": ("videos", "how the candidates are ranked: videos (each removed alone, videos generated and scored), or "
+                       "without a video: output_change (one denoiser call a candidate) or block_influence (forward "
+                       "hooks on the full model's calls); docs/cost.md measures them",
+             {"choices": ("videos", *block_ranking.MEASURES)}),
+    "scan_timesteps": (1, "output_change and block_influence: sampler timesteps each of M0's latents is noised to",
+                       {"min": 1}),
     # A cheaper scan: the ranking's fidelity against the full settings is measured in README "Run cost".
     "scan_num_inference_steps": (None, "denoising steps of the scan's videos (default: model.num_inference_steps)",
                                  {"type": int, "min": 1}),
@@ -131,7 +139,7 @@ def main(args):
         pipes["teacher"] = backend.with_denoiser(pipe, denoisers[-1])
     reward = rewards.load_reward(args, device=accelerator.device)
     rewards.check_prompts(reward, prompts, args.prune_prompts)
-    cost, kept = stage.Ledger("prune"), teacher_cache.TeacherCache(scan_args, provenance.made_from(scan_args))
+    cost = stage.Ledger("prune")
     cost.watch(*denoisers)
     present = models.list_blocks(backend, unet)
     blocks = present
@@ -149,6 +157,9 @@ def main(args):
     scan_dir = os.path.join(args.output_dir, "scan")
     provenance.start(accelerator, args.output_dir, made, args, ["ranking.json", "ranking.md", "scan", "student",
                                                                  "cost.json"])
+    if args.scan != "videos" and not args.teacher_cache:  # M0's latents are measured: kept with the scan
+        scan_args.teacher_cache = os.path.join(scan_dir, "teacher")
+    kept = teacher_cache.TeacherCache(scan_args, provenance.made_from(scan_args))
 
     def scan(variants, phase):
         """Mean scores of each variant ({name: the blocks it removes}) over the prompts."""
@@ -172,18 +183,45 @@ def main(args):
                                    desc=f"prune: {phase}", batch_size=args.generation_batch_size)
         return {v: mean_scores([r for r in results if r["variant"] == v], aspects) for v in variants}
 
-    means = scan({**{v: [] for v in pipes}, **{b["name"]: [b["name"]] for b in blocks}}, "block scan")
-    base, teacher = means["student"], means.get("teacher", means["student"])
-    candidates = []
-    for b in blocks:
-        delta = {a: means[b["name"]][a] - base[a] for a in aspects}
-        candidates.append({**b, "scores": means[b["name"]], "delta": delta, "cost": -sum(delta.values()) / len(aspects)})
+    def rank_without_videos():
+        """{block: the measure's mean over the scan's prompts}, from M0's latents (kept, or made once)."""
+        names, objective = [b["name"] for b in blocks], backend.objective(args)
+        timesteps = block_ranking.scan_timesteps(pipe.scheduler, scan_args.num_inference_steps, args.scan_timesteps)
+        items = [{"id": f"{args.scan}__{i:04d}", "prompt": p, "seed": args.seed + i} for i, p in enumerate(prompts)]
+
+        def work(chunk):
+            prompts_, seeds = [c["prompt"] for c in chunk], [c["seed"] for c in chunk]
+            latents = teacher_cache.videos(kept, backend, pipes.get("teacher", pipe), reward, prompts_, seeds, scan_args,
+                                           cost)[1]
+            text = backend.encode_prompts(pipe.text_encoder, pipe.tokenizer, prompts_, accelerator.device).to(dtype)
+            values = block_ranking.measure(args.scan, backend, unet, names, objective, timesteps,
+                                           torch.stack(latents).to(accelerator.device, dtype), text, seeds)
+            return [{"prompt": p, "seed": s, "values": {n: values[n][j] for n in names}}
+                    for j, (p, s) in enumerate(zip(prompts_, seeds))]
+
+        results = stage.run_items(items, work, lambda i: os.path.join(scan_dir, f"{i}.json"), accelerator,
+                                   desc=f"prune: {args.scan}", batch_size=args.generation_batch_size)
+        return {n: sum(r["values"][n] for r in results) / len(results) for n in names}
+
+    if args.scan == "videos":
+        means = scan({**{v: [] for v in pipes}, **{b["name"]: [b["name"]] for b in blocks}}, "block scan")
+        base, teacher = means["student"], means.get("teacher", means["student"])
+        candidates = []
+        for b in blocks:
+            delta = {a: means[b["name"]][a] - base[a] for a in aspects}
+            candidates.append({**b, "scores": means[b["name"]], "delta": delta,
+                               "cost": -sum(delta.values()) / len(aspects)})
+    else:  # M0's videos first: their scores are the targets' reference, their latents what is measured
+        base, teacher = None, scan({"teacher": []}, "teacher")["teacher"]
+        candidates = [{**b, "cost": v} for b, v in zip(blocks, rank_without_videos().values())]
     chosen = choose_blocks(candidates, blocks_at(args.num_blocks, index), args.prune_params)
     if len(chosen) == len(present):  # a budget that, in the order the blocks ranked, takes them all
         raise common.ConfigError(f"prune.prune_params {args.prune_params:,}: it takes all {len(present)} blocks left; "
                                  f"nothing would be left to train. Give a smaller budget")
     tag = "pruned-" + hashlib.sha1("+".join(sorted(chosen)).encode()).hexdigest()[:8]
-    pruned = means[chosen[0]] if len(chosen) == 1 else scan({tag: chosen}, "pruned student")[tag]
+    # The cut's own videos, once: the video scan made them already where it removes one block.
+    pruned = means[chosen[0]] if args.scan == "videos" and len(chosen) == 1 else \
+        scan({tag: chosen}, "pruned student")[tag]
 
     # Targets: what the pruned student now does worse than the teacher.
     targets = [a for a in aspects if pruned[a] < teacher[a]]
@@ -198,7 +236,8 @@ def main(args):
         models.save_student(backend, unet, os.path.join(args.output_dir, "student"), args, next(iter(backend.TRAINABLE)),
                             extra={"parent": args.student or "M0", "pruned_this_stage": chosen})
         ranking = {
-            "student": args.student or "M0", "aspects": list(aspects), "teacher": teacher, "unpruned": base,
+            "student": args.student or "M0", "aspects": list(aspects), "scan": args.scan, "teacher": teacher,
+            "unpruned": base,
             "candidates": sorted(candidates, key=lambda c: c["cost"]), "chosen": chosen, "pruned": pruned,
             "targets": targets, "targets_rule": reason,
             "motion_parameters": {"before": motion_before, "after": models.block_parameters(backend, unet)},
@@ -213,16 +252,22 @@ def main(args):
     accelerator.wait_for_everyone()
 
 
+MEANINGS = {"videos": "mean drop over the aspects when the block alone is removed (its videos scored)",
+            "output_change": "relative change of one denoiser call's output when the block alone is removed, on "
+                             "M0's noised latents",
+            "block_influence": "size of the block's update relative to its input, on M0's noised latents"}
+
+
 def ranking_markdown(r):
-    aspects = r["aspects"]
-    head = "| rank | block | params (M) | cost | " + " | ".join(f"Δ {a}" for a in aspects) + " |"
+    aspects = r["aspects"] if r.get("scan", "videos") == "videos" else []
+    head = "| rank | block | params (M) | cost |" + "".join(f" Δ {a} |" for a in aspects)
     rows = [head, "|" + "---|" * (4 + len(aspects))]
     for i, c in enumerate(r["candidates"], 1):
         mark = " (removed)" if c["name"] in r["chosen"] else ""
-        rows.append(f"| {i} | `{c['name']}`{mark} | {c['params'] / 1e6:.3f} | {c['cost']:+.4f} | "
-                    + " | ".join(f"{c['delta'][a]:+.4f}" for a in aspects) + " |")
-    return (f"# Block ranking (student: {r['student']})\n\nCost = mean drop over the aspects when the block "
-            f"alone is removed; the cheapest are removed.\n\n" + "\n".join(rows)
+        rows.append(f"| {i} | `{c['name']}`{mark} | {c['params'] / 1e6:.3f} | {c['cost']:+.4g} |"
+                    + "".join(f" {c['delta'][a]:+.4f} |" for a in aspects))
+    return (f"# Block ranking (student: {r['student']})\n\nCost = {MEANINGS[r.get('scan', 'videos')]}; the cheapest "
+            f"are removed.\n\n" + "\n".join(rows)
             + f"\n\nTargets: {', '.join(r['targets'])} ({r['targets_rule']}).\n")
 
 
