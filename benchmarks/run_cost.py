@@ -1,6 +1,6 @@
 """Benchmark: what a full V.I.P. run costs in denoiser calls, by script and stage, with the teacher
 regenerated every stage (before teacher_cache.py) and made once a run (now), and the GPU-hours they
-come to. Calls are counted per video (a guided step of one video is 2 calls); FLOPs per call are
+come to, and with the block rankings that generate no video (prune.scan). Calls are counted per video (a guided step of one video is 2 calls); FLOPs per call are
 counted on the meta device at the config's video size (the teacher's, an upper bound for pruned
 students); hours assume --mfu of an H100's dense bf16 rate (989 TFLOP/s): an estimate, not a
 measurement. VAE decoding, text encoding and the reward are left out.
@@ -51,8 +51,9 @@ def full_size_denoiser(name):
         return wan, WanTransformer3DModel(**wan.CONFIG_1_3B)
 
 
-def counts(args, blocks, stages, curation_prompts, cached):
-    """{(stage, script): (teacher calls, student calls)} for one run; `cached`: the teacher made once."""
+def counts(args, blocks, stages, curation_prompts, cached, scan="videos"):
+    """{(stage, script): (teacher calls, student calls)} for one run; `cached`: the teacher made once;
+    `scan`: prune.scan (another than videos makes only the cut's videos beside M0's)."""
     per_video = args.num_inference_steps * (2 if args.guidance_scale > 1 else 1)
     cuts = args.num_blocks if isinstance(args.num_blocks, list) else [args.num_blocks]
     P, N = args.num_prune_prompts, curation_prompts * args.seeds_per_prompt
@@ -65,8 +66,10 @@ def counts(args, blocks, stages, curation_prompts, cached):
         again = first or not cached  # the teacher's videos are made here
         # prune: M0 (stage 1: the student itself) and, from stage 2, the student; each candidate alone;
         # the pruned student again when it lost several blocks
-        rows[(k, "prune")] = (P * again * per_video,
-                              (left * P + (0 if first else P) + (P if cut > 1 else 0)) * per_video)
+        ranking = (left * P + (0 if first else P) + (P if cut > 1 else 0)) * per_video
+        if scan != "videos":  # one call a noised latent with every block, and one a candidate for output_change
+            ranking = (left + 1 if scan == "output_change" else 1) * P * args.scan_timesteps + P * per_video
+        rows[(k, "prune")] = (P * again * per_video, ranking)
         rows[(k, "curate")] = (N * again * per_video, N * per_video)
         rows[(k, "train")] = (pairs, pairs)  # a forward each a video; the student's backward is in the FLOPs
         # evaluate: videos were kept per model before too; latency was measured for every model every stage
@@ -89,8 +92,10 @@ def main(args):
         blocks = len(models.list_blocks(backend, denoiser))
         flops = models.count_flops(backend, denoiser, a.num_frames, a.height, a.width)
         prompts = args.curation_prompts or a.max_prompts or len(stage.read_prompts(str(ROOT / a.curation_prompts)))
-        for label, cached in (("every stage", False), ("once", True)):
-            rows = counts(a, blocks, int(stages), prompts, cached)
+        for label, cached, scan in (("every stage", False, "videos"), ("once", True, "videos"),
+                                    ("once, output_change", True, "output_change"),
+                                    ("once, block_influence", True, "block_influence")):
+            rows = counts(a, blocks, int(stages), prompts, cached, scan)
             teacher = sum(t for t, _ in rows.values())
             student = sum(s for _, s in rows.values())
             train_flops = sum((t + 3 * s) * flops for (k, script), (t, s) in rows.items() if script == "train")
@@ -100,7 +105,7 @@ def main(args):
                          for script in ("prune", "curate", "train", "evaluate")}
             lines.append(f"| {name} × {stages} | {label} | " + " | ".join(f"{by_script[s]:,}" for s in by_script)
                          + f" | {teacher:,} | {student:,} | {flops / 1e12:.1f} | {hours:,.1f} |")
-    head = ("| run | teacher made | prune | curate | train | evaluate | teacher calls | student calls | TFLOP a call | "
+    head = ("| run | teacher made, block ranking | prune | curate | train | evaluate | teacher calls | student calls | TFLOP a call | "
             f"H100-hours at {args.mfu:.0%} (estimate) |")
     md = head + "\n|" + "---|" * 10 + "\n" + "\n".join(lines) + "\n"
     print(md)

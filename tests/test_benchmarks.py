@@ -185,9 +185,16 @@ def test_world_motion_measures_the_asked_motion_and_what_the_unet_teacher_reads(
 
 def test_run_cost_counts_fewer_teacher_calls_when_the_teacher_is_made_once(capsys):
     md = run_cost.main(run_cost.parse_args(["--runs", "animatediff:3"]))
-    every, once = [line.split("|") for line in md.splitlines() if line.startswith("| animatediff")]
+    every, once, output_change, influence = [line.split("|") for line in md.splitlines() if line.startswith("| animatediff")]
     teacher, student = 7, 8
     assert int(once[teacher].replace(",", "")) < int(every[teacher].replace(",", "")) / 1.5
     assert once[student] <= every[student] and float(once[10]) < float(every[10])
     # stage 1 curates 320 prompts x 2 seeds x 25 steps x 2 (guidance): the teacher's share of curation
     assert int(once[4].replace(",", "")) == 3 * 32000 + 32000
+    # Without a video a candidate, a stage's prune is M0's 16 videos (stage 1), the cut's 16 (25 steps,
+    # guided) and the ranking's calls: one a prompt, and for output_change one more a candidate (21, 18, 15 left).
+    number = lambda row, i: int(row[i].replace(",", ""))
+    assert number(influence, 3) == 16 * 50 + 3 * (16 + 16 * 50)
+    assert number(output_change, 3) == 16 * 50 + (22 + 19 + 16) * 16 + 3 * 16 * 50
+    assert [number(r, i) for r in (once, output_change, influence) for i in (4, 5, 6, 7)] == [
+        number(once, i) for i in (4, 5, 6, 7)] * 3  # curation, training, evaluation and the teacher: the same
