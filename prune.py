@@ -3,15 +3,18 @@ r"""Prune: remove the motion module(s) whose removal costs the student the least
 Each candidate block of the current student is removed alone; videos are generated for a fixed
 prompt set with fixed seeds and scored; the block(s) that cost least are removed. The aspects on
 which the pruned student now scores below the teacher M0 are the targets of curation and training.
+`--scan output_change` or `--scan block_influence` ranks the candidates without a video each, from
+denoiser calls on M0's noised latents (block_ranking.py); the cut's videos are then made once, for
+the targets.
 
     python prune.py --config configs/tiny.yaml --output_dir runs/tiny/stage_1/prune
     accelerate launch prune.py --config configs/animatediff.yaml --output_dir runs/animatediff/stage_2/prune \
         --student runs/animatediff/stage_1/train/student
 
-Each process scans a shard of the (block, prompt) pairs; the main process ranks. Writes to
---output_dir: ranking.json and ranking.md (every candidate with per-aspect scores and deltas, the
-chosen block(s), the targets), student/ (the pruned student), config.yaml, scan/ (per-video
-scores, so a killed run resumes).
+Each process scans a shard of the (block, prompt) pairs (another scan: of the prompts); the main
+process ranks. Writes to --output_dir: ranking.json and ranking.md (every candidate with its cost,
+and with the video scan its per-aspect scores and deltas, the chosen block(s), the targets), student/
+(the pruned student), config.yaml, scan/ (per-item results, so a killed run resumes).
 """
 
 import argparse

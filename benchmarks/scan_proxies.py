@@ -20,6 +20,7 @@ A choice is NAME or NAME@K (K sampler timesteps, prune.scan_timesteps).
 """
 
 import argparse
+import itertools
 import json
 import os
 import shlex
@@ -108,14 +109,15 @@ def run_seed(args, name, seed):
         return result
     students = {("videos", s): os.path.join(full_run, f"stage_{s}", "train", "student") for s in (1, 2)}
     for c in args.choices if args.students is None else args.students:
-        same = stage1[c]["chosen"] == stage1["videos"]["chosen"] and stage2[c]["chosen"] == stage2["videos"]["chosen"]
+        same1 = stage1[c]["chosen"] == stage1["videos"]["chosen"]
+        same = [same1, same1 and stage2[c]["chosen"] == stage2["videos"]["chosen"]]  # the same students up to stage s
         result["same_cuts"][c] = same
-        if not same:
+        if not same[1]:
             flags = choice_flags(c)
             config_c = ablation.seed_config(base, seed, cuts)
             config_c["prune"].update(flags)
             run_loop(root, c.replace("@", "_at"), config_c, teacher)
-            for s in (1, 2):
+            for s in (1, 2)[same[0]:]:
                 students[(c, s)] = os.path.join(root, c.replace("@", "_at"), f"stage_{s}", "train", "student")
     order = list(students)
     launch("evaluate.py", "--config", os.path.join(root, "videos.yaml") if name not in args.full_runs else
@@ -159,8 +161,8 @@ def table(name, results, choices):
         avg = {}
         for k in (1, 2):
             # a choice with the video scan's cuts has the video scan's student
-            got = [r["students"].get(f"{c}/{k}") or (r["students"].get(f"videos/{k}") if r["same_cuts"].get(c, c == "videos")
-                                                      else None) for r in results]
+            got = [r["students"].get(f"{c}/{k}") or (r["students"].get(f"videos/{k}") if c == "videos" or
+                                                      r["same_cuts"].get(c, [False] * 2)[k - 1] else None) for r in results]
             if all(got) and got:
                 avg[k] = (float(np.mean([g["average"] for g in got])), float(np.mean([g["se"] for g in got])))
         summary[c] = {**line, "students": avg}
@@ -170,7 +172,12 @@ def table(name, results, choices):
         stud = lambda k: f"{avg[k][0]:.3f} ± {avg[k][1]:.3f}" if k in avg else "–"
         rows.append(f"| {c} | {s1['calls']:,.0f} ({s1['calls'] / s1['full_calls']:.3f}) | {s1['wall_s']:.1f} | "
                     f"{cell(s1)} | {cell(s2)} | {stud(1)} | {stud(2)} |")
-    return f"### {name}\n\n" + "\n".join(rows) + "\n", summary
+    floor = {s: [spearman(a[s]["videos"]["cost"], b[s]["videos"]["cost"]) for a, b in itertools.combinations(results, 2)
+                 if a[s] and b[s]] for s in ("stage_1", "stage_2")}
+    summary["videos_between_seeds"] = floor
+    note = "".join(f"\n\nVideo scans of different seeds against one another, {s.replace('_', ' ')}: Spearman "
+                   f"{np.mean(v):.2f} (min {min(v):.2f})." for s, v in floor.items() if v)
+    return f"### {name}\n\n" + "\n".join(rows) + note + "\n", summary
 
 
 def main(args):
