@@ -5,7 +5,7 @@ counted on the meta device at the config's video size (the teacher's, an upper b
 students); hours assume --mfu of an H100's dense bf16 rate (989 TFLOP/s): an estimate, not a
 measurement. VAE decoding, text encoding and the reward are left out.
 
-    python benchmarks/run_cost.py                 # AnimateDiff 3 stages, VideoCrafter2 2, Wan 3
+    python benchmarks/run_cost.py                 # AnimateDiff 3 stages, VideoCrafter2 2, the Wans 3
 
 Assumes every stage's curation prompts are the same (relevance_filter none, or the same targets),
 so that the stage-1 teacher videos serve every later stage; where they differ, a stage makes its
@@ -35,7 +35,7 @@ H100_BF16 = 989e12
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", nargs="+", default=["animatediff:3", "videocrafter2:2", "wan:3"], help="CONFIG:STAGES")
+    p.add_argument("--runs", nargs="+", default=["animatediff:3", "videocrafter2:2", "wan:3", "wan_14b:3", "wan22_5b:3"], help="CONFIG:STAGES")
     p.add_argument("--mfu", type=float, default=0.4, help="share of the H100's bf16 rate a call reaches (an assumption)")
     p.add_argument("--curation_prompts", type=int, default=None,
                    help="prompts curated a stage (default: the config's max_prompts, or its prompt file's count)")
@@ -48,7 +48,7 @@ def full_size_denoiser(name):
             return animatediff, bench.build_unet("full", "meta")
         if name == "videocrafter2":
             return videocrafter2, videocrafter2.build_models(device="meta")[0]
-        return wan, WanTransformer3DModel(**wan.CONFIG_1_3B)
+        return wan, WanTransformer3DModel(**{"wan_14b": wan.CONFIG_14B, "wan22_5b": wan.CONFIG_5B}.get(name, wan.CONFIG_1_3B))
 
 
 def counts(args, blocks, stages, curation_prompts, cached, scan="videos"):
@@ -92,7 +92,7 @@ def main(args):
         blocks = len(models.list_blocks(backend, denoiser))
         flops = models.count_flops(backend, denoiser, a.num_frames, a.height, a.width)
         prompts = args.curation_prompts or a.max_prompts or len(stage.read_prompts(str(ROOT / a.curation_prompts)))
-        for label, cached, scan in (("every stage", False, "videos"), ("once", True, "videos"),
+        for label, cached, scan in (("every stage, videos", False, "videos"), ("once, videos", True, "videos"),
                                     ("once, output_change", True, "output_change"),
                                     ("once, block_influence", True, "block_influence")):
             rows = counts(a, blocks, int(stages), prompts, cached, scan)

@@ -144,8 +144,8 @@ def run_loop(root, tag, config, teacher):
 def table(name, results, choices):
     """One row a choice: calls, wall, Spearman and same blocks at stages 1 and 2; the students' averages."""
     rows = ["| ranking | denoiser calls (share of the video scan's) | prune wall (s) | Spearman, stage 1 (min) | "
-            "same cut, stage 1 | Spearman, stage 2 (min) | same cut, stage 2 | student after 1 stage | "
-            "after 2 stages |", "|---|---|---|---|---|---|---|---|---|"]
+            "same cut, stage 1 | Spearman, stage 2 (min) | same cut, stage 2 | student after 1 stage ± s.e. (− the "
+            "video scan's; seeds +, −) | after 2 stages |", "|---|---|---|---|---|---|---|---|---|"]
     summary = {}
     for c in ["videos", *choices]:
         line = {}
@@ -158,22 +158,27 @@ def table(name, results, choices):
                        "calls": float(np.mean([ranking_calls(a, b) for a, b in pairs])),
                        "full_calls": float(np.mean([ranking_calls(b, b) for a, b in pairs])),
                        "wall_s": float(np.mean([a["wall_s"] for a, b in pairs]))}
-        avg = {}
+        avg, diff = {}, {}
         for k in (1, 2):
             # a choice with the video scan's cuts has the video scan's student
             got = [r["students"].get(f"{c}/{k}") or (r["students"].get(f"videos/{k}") if c == "videos" or
                                                       r["same_cuts"].get(c, [False] * 2)[k - 1] else None) for r in results]
             if all(got) and got:
                 avg[k] = (float(np.mean([g["average"] for g in got])), float(np.mean([g["se"] for g in got])))
-        summary[c] = {**line, "students": avg}
+                d = [g["average"] - r["students"][f"videos/{k}"]["average"] for g, r in zip(got, results)]
+                diff[k] = (float(np.mean(d)), sum(x > 0 for x in d), sum(x < 0 for x in d))
+        summary[c] = {**line, "students": avg, "minus_videos": diff}
         s1, s2 = line.get("stage_1"), line.get("stage_2")
         cell = lambda s: f"{np.mean(s['spearman']):.2f} ({min(s['spearman']):.2f}) | {s['same']} of {s['n']}" if s \
             else "– | –"
-        stud = lambda k: f"{avg[k][0]:.3f} ± {avg[k][1]:.3f}" if k in avg else "–"
+        stud = lambda k: (f"{avg[k][0]:.3f} ± {avg[k][1]:.3f}" + (f" ({diff[k][0]:+.3f}; {diff[k][1]} +, {diff[k][2]} −)"
+                                                                   if c != "videos" else "")) if k in avg else "–"
         rows.append(f"| {c} | {s1['calls']:,.0f} ({s1['calls'] / s1['full_calls']:.3f}) | {s1['wall_s']:.1f} | "
                     f"{cell(s1)} | {cell(s2)} | {stud(1)} | {stud(2)} |")
+    # stage 2's students may differ between seeds, and so their candidates: only rankings of the same blocks compare
     floor = {s: [spearman(a[s]["videos"]["cost"], b[s]["videos"]["cost"]) for a, b in itertools.combinations(results, 2)
-                 if a[s] and b[s]] for s in ("stage_1", "stage_2")}
+                 if a[s] and b[s] and set(a[s]["videos"]["cost"]) == set(b[s]["videos"]["cost"])]
+             for s in ("stage_1", "stage_2")}
     summary["videos_between_seeds"] = floor
     note = "".join(f"\n\nVideo scans of different seeds against one another, {s.replace('_', ' ')}: Spearman "
                    f"{np.mean(v):.2f} (min {min(v):.2f})." for s, v in floor.items() if v)
