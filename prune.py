@@ -11,8 +11,8 @@ the targets.
     accelerate launch prune.py --config configs/animatediff.yaml --output_dir runs/animatediff/stage_2/prune \
         --student runs/animatediff/stage_1/train/student
 
-Each process scans a shard of the (block, prompt) pairs (another scan: of the prompts); the main
-process ranks. Writes to --output_dir: ranking.json and ranking.md (every candidate with its cost,
+Each process takes a shard of the scan's items ((block, prompt) pairs; prompts for a ranking without
+videos); the main process ranks. Writes to --output_dir: ranking.json and ranking.md (every candidate with its cost,
 and with the video scan its per-aspect scores and deltas, the chosen block(s), the targets), student/
 (the pruned student), config.yaml, scan/ (per-item results, so a killed run resumes).
 """

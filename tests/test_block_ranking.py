@@ -121,14 +121,15 @@ block_ranking.measure = measure
 """
 
 
-def test_a_killed_scan_resumes_to_the_same_cut(fast_config, tmp_path):
-    argv = ["--config", fast_config, "--scan", "output_change", "--generation_batch_size", "1"]
+@pytest.mark.parametrize("scan", block_ranking.MEASURES)
+def test_a_killed_scan_resumes_to_the_same_cut(fast_config, tmp_path, scan):
+    argv = ["--config", fast_config, "--scan", scan, "--generation_batch_size", "1"]
     whole = tmp_path / "whole"
     run_script("python", "prune.py", *argv, "--output_dir", str(whole))
     killed = tmp_path / "killed"
     out = run_with_fault("prune", [*argv, "--output_dir", killed], KILL_AT_SECOND_MEASURE)
     assert out.returncode == -9 and not (killed / "ranking.json").exists()
-    assert [p.name for p in (killed / "scan").glob("output_change__*.json")] == ["output_change__0000.json"]
+    assert [p.name for p in (killed / "scan").glob(f"{scan}__*.json")] == [f"{scan}__0000.json"]
     run_script("python", "prune.py", *argv, "--output_dir", str(killed))
     a, b = (json.loads((d / "ranking.json").read_text()) for d in (whole, killed))
     assert a["chosen"] == b["chosen"] and a["candidates"] == b["candidates"] and a["pruned"] == b["pruned"]
@@ -143,3 +144,30 @@ def test_a_bad_scan_is_one_line(fast_config, tmp_path, flag, value, expected):
                      check=False)
     assert out.returncode != 0 and out.stderr.strip().splitlines() == [f"error: {expected}"]
     assert not (tmp_path / "out").exists()
+
+
+def test_scan_proxies_counts_the_rankings_own_calls_and_shares_a_student_only_on_the_same_cuts():
+    from benchmarks import scan_proxies
+
+    def run(chosen, calls, cost):
+        return {"chosen": chosen, "calls": calls, "cost": cost, "wall_s": 1.0}
+
+    # the video scan: 3 candidates + M0, 2 prompts, 20 calls a video; a proxy: its calls and the cut's 2 videos
+    videos = run(["a"], {"denoiser_calls/teacher": 40, "denoiser_calls/student": 120, "videos/student": 6},
+                 {"a": 0.1, "b": 0.2, "c": 0.3})
+    same = run(["a"], {"denoiser_calls/student": 8 + 40, "videos/student": 2}, {"a": 1.0, "b": 3.0, "c": 2.0})
+    other = run(["b"], {"denoiser_calls/student": 8 + 40, "videos/student": 2}, {"a": 2.0, "b": 1.0, "c": 3.0})
+    assert scan_proxies.ranking_calls(videos, videos) == 160 and scan_proxies.ranking_calls(same, videos) == 8
+    student = lambda x: {"average": x, "se": 0.01}
+    results = [{"stage_1": {"videos": videos, "p": same}, "stage_2": {"videos": videos, "p": same},
+                "students": {"videos/1": student(3.0), "videos/2": student(2.0)}, "same_cuts": {"p": [True, True]}},
+               {"stage_1": {"videos": videos, "p": other}, "stage_2": {"videos": videos, "p": other},
+                "students": {"videos/1": student(3.2), "videos/2": student(2.2), "p/1": student(3.5), "p/2": student(2.0)},
+                "same_cuts": {"p": [False, False]}}]
+    md, summary = scan_proxies.table("t", results, ["p"])
+    assert summary["p"]["stage_1"]["calls"] == 8 and summary["p"]["stage_1"]["same"] == 1
+    assert summary["p"]["stage_1"]["spearman"] == pytest.approx([0.5, 0.5])
+    # seed 0's student is the video scan's (the same cuts), seed 1's its own
+    assert summary["p"]["students"][1] == pytest.approx((3.25, 0.01)) and summary["p"]["minus_videos"][1] == (
+        pytest.approx(0.15), 1, 0)
+    assert "| p | 8 (0.050) |" in md
