@@ -1,15 +1,20 @@
 """Block rankings that generate no video (prune.py's `scan` other than `videos`). Each candidate is
 scored from single denoiser calls on M0's own latents (the teacher cache holds them), noised to
-timesteps the sampler visits, with the same noise for every candidate:
+timesteps the sampler visits (as the pipeline's scheduler spaces them), with the same noise for
+every candidate. The noise is drawn from each video's own seed, as its starting noise was, so that
+x_t lies near the path the sampler took to that video:
 
 - `output_change`: how much the denoiser's output moves when the block alone is removed,
   ||f_without(x_t) - f(x_t)||^2 / ||f(x_t)||^2, averaged over latents and timesteps. One call with
   every block a noised latent, and one a candidate.
 - `block_influence`: how much the block changes what flows through it, from forward hooks on the
-  calls with every block: ||output - the stand-in's output|| / ||input||. ShortGPT measures the
-  angle between a block's input and output; the size of the update is that for a block whose
-  stand-in is the identity, and still means something for a residual branch, whose stand-in
-  outputs zeros. One call a noised latent, whatever the number of candidates.
+  calls with every block: ||output - the stand-in's output|| / ||input||. One call a noised latent,
+  whatever the number of candidates. For a block whose stand-in is the identity (a motion module,
+  a Wan block) this is the size of its update to the residual stream; ShortGPT's block influence
+  measures the angle between the same two. For a residual branch (Wan's sub-layers, whose stand-in
+  outputs zeros) it is the branch's output over its own input, the normalised and modulated hidden
+  states, before the block's gate scales it into the stream: the three kinds of branch are then
+  not on one scale, which docs/cost.md's DiT rows show.
 
 The larger the value, the more the block matters; prune.py removes the smallest.
 """
@@ -77,34 +82,34 @@ def influence_hooks(backend, model, names, batch_size, sink):
             h.remove()
 
 
-def noised(objective, latents, timesteps, seeds):
-    """Each latent (B, ...) at each timestep: (len(timesteps) * B, ...) noised latents and their
-    timesteps, timestep-major; latent i's noise is drawn from `seeds[i]`, the same at every timestep."""
+def noised(objective, latents, timestep, seeds):
+    """The latents (B, ...) noised to one timestep, and the timestep for each. Latent i's noise is drawn
+    from `seeds[i]`, the seed its video was generated from: the same noise at every timestep and for
+    every candidate."""
     noise = torch.stack([torch.randn(l.shape, generator=torch.Generator().manual_seed(s), dtype=torch.float32)
                          for l, s in zip(latents, seeds)]).to(latents.device, latents.dtype)
-    t = timesteps.to(latents.device).repeat_interleave(len(latents))
-    x = torch.cat([latents] * len(timesteps))
-    return objective.add_noise(x, torch.cat([noise] * len(timesteps)), t), t
+    t = timestep.to(latents.device).repeat(len(latents))
+    return objective.add_noise(latents, noise, t), t
 
 
 @torch.no_grad()
 def measure(kind, backend, model, names, objective, timesteps, latents, text, seeds):
     """{block: [value of each latent]}: `kind` (one of MEASURES) for each named block, averaged over
-    the timesteps, for M0's `latents` (B, ...) of prompts whose embeddings are `text` (B, ...)."""
-    b, k = len(latents), len(timesteps)
-    x, t = noised(objective, latents, timesteps, seeds)
-    text = torch.cat([text] * k)
-    sink = {n: [] for n in names}
-    hooks = influence_hooks(backend, model, names, b * k, sink) if kind == "block_influence" else \
-        contextlib.nullcontext()
-    with hooks:
-        full = backend.predict(model, x, t, text)
-    values = {}
-    for name in names:
-        if kind == "block_influence":
-            v = torch.stack(sink[name]).mean(0)  # a block called more than once a forward: its mean
-        else:
-            with models.blocks_removed(backend, model, [name]):
-                v = relative_change(backend.predict(model, x, t, text), full)
-        values[name] = v.view(k, b).mean(0).tolist()
-    return values
+    the timesteps, for M0's `latents` (B, ...) of prompts whose embeddings are `text` (B, ...). One
+    timestep a call: a call's batch is never larger than the generation's."""
+    values = {n: torch.zeros(len(latents)) for n in names}
+    for timestep in timesteps:
+        x, t = noised(objective, latents, timestep, seeds)
+        sink = {n: [] for n in names}
+        hooks = influence_hooks(backend, model, names, len(latents), sink) if kind == "block_influence" else \
+            contextlib.nullcontext()
+        with hooks:
+            full = backend.predict(model, x, t, text)
+        for name in names:
+            if kind == "block_influence":
+                v = torch.stack(sink[name]).mean(0)  # a block called more than once a forward: its mean
+            else:
+                with models.blocks_removed(backend, model, [name]):
+                    v = relative_change(backend.predict(model, x, t, text), full)
+            values[name] += v.cpu() / len(timesteps)
+    return {n: v.tolist() for n, v in values.items()}

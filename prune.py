@@ -7,14 +7,15 @@ which the pruned student now scores below the teacher M0 are the targets of cura
 denoiser calls on M0's noised latents (block_ranking.py); the cut's videos are then made once, for
 the targets.
 
-    python prune.py --config configs/tiny.yaml --output_dir runs/tiny/stage_1/prune
+    python prune.py --config configs/tiny.yaml --output_dir runs/tiny/stage_1/prune [--scan output_change]
     accelerate launch prune.py --config configs/animatediff.yaml --output_dir runs/animatediff/stage_2/prune \
         --student runs/animatediff/stage_1/train/student
 
 Each process takes a shard of the scan's items ((block, prompt) pairs; prompts for a ranking without
 videos); the main process ranks. Writes to --output_dir: ranking.json and ranking.md (every candidate with its cost,
 and with the video scan its per-aspect scores and deltas, the chosen block(s), the targets), student/
-(the pruned student), config.yaml, scan/ (per-item results, so a killed run resumes).
+(the pruned student), config.yaml, scan/ (per-item results, so a killed run resumes; without
+--teacher_cache, a ranking without videos keeps M0's videos and latents in scan/teacher/).
 """
 
 import argparse
@@ -127,6 +128,9 @@ def main(args):
     accelerator = Accelerator()
     with accelerator.main_process_first():  # the first to digest a model keeps the digest for the others
         made = provenance.made_from(args)
+    if args.scan == "videos":  # the scan there was before the choice: the results it made stand
+        for key in ("scan", "scan_timesteps"):
+            made["prune"].pop(key)
     if provenance.done(args.output_dir, made):
         accelerator.print(f"prune: {args.output_dir} is done from this config and these inputs; skipping")
         return

@@ -1,8 +1,8 @@
 """Benchmark: what a full V.I.P. run costs in denoiser calls, by script and stage, with the teacher
-regenerated every stage (before teacher_cache.py) and made once a run (now), and the GPU-hours they
-come to, and with the block rankings that generate no video (prune.scan). Calls are counted per video (a guided step of one video is 2 calls); FLOPs per call are
-counted on the meta device at the config's video size (the teacher's, an upper bound for pruned
-students); hours assume --mfu of an H100's dense bf16 rate (989 TFLOP/s): an estimate, not a
+regenerated every stage (before teacher_cache.py) or made once a run, with the video scan or a
+block ranking that generates no video (prune.scan), and the GPU-hours they come to. Calls are
+counted per video (a guided step of one video is 2 calls); FLOPs per call are counted on the meta
+device at the config's video size (the teacher's, an upper bound for pruned students); hours assume --mfu of an H100's dense bf16 rate (989 TFLOP/s): an estimate, not a
 measurement. VAE decoding, text encoding and the reward are left out.
 
     python benchmarks/run_cost.py                 # AnimateDiff 3 stages, VideoCrafter2 2, the Wans 3

@@ -29,7 +29,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -74,18 +73,22 @@ def ranking(config, out, choice, seed, num_blocks, teacher, student=None):
            *(["--student", student] if student else []))
     r = json.load(open(os.path.join(out, "ranking.json")))
     spent = json.load(open(os.path.join(out, "cost.json")))[-1]
+    names = {c["name"] for c in r["candidates"]}
     return {"cost": {c["name"]: c["cost"] for c in r["candidates"]}, "chosen": sorted(r["chosen"]),
+            "candidate_videos": sum(p.name.split("__")[0] in names for p in Path(out, "scan").glob("*.json")),
             "calls": {k: v for k, v in spent.items() if k.startswith(("denoiser_calls/", "videos/"))},
             "wall_s": spent["wall_s"]}
 
 
-def ranking_calls(run, full):
-    """The ranking's own denoiser calls: the video scan's all of them (M0's videos and each candidate's);
-    another choice's, less the pruned student's videos (targets that every choice makes)."""
+def ranking_calls(run, full, candidates_only=False):
+    """The ranking's own denoiser calls: the video scan's all of them (M0's videos, each candidate's and
+    the cut's), or with `candidates_only` its candidates' videos alone; another choice's, less the cut's
+    videos (the targets' that every choice makes)."""
     c, f = run["calls"], full["calls"]
-    if run is full:
-        return c.get("denoiser_calls/teacher", 0) + c.get("denoiser_calls/student", 0)
     per_video = f["denoiser_calls/student"] / f["videos/student"]  # the video scan makes student videos only
+    if run is full:
+        return c.get("denoiser_calls/teacher", 0) + c.get("denoiser_calls/student", 0) if not candidates_only \
+            else run["candidate_videos"] * per_video
     return c.get("denoiser_calls/student", 0) - c.get("videos/student", 0) * per_video
 
 
@@ -97,7 +100,7 @@ def run_seed(args, name, seed):
     full_run = os.path.join(args.full_runs[name], f"seed_{seed}", "redpo") if name in args.full_runs else \
         os.path.join(root, "videos")
     if name not in args.full_runs and args.students != []:
-        run_loop(root, "videos", ablation.seed_config(base, seed, cuts), teacher)
+        ablation.run_loop(root, "videos", ablation.seed_config(base, seed, cuts), 2, False)  # M0's: root/teacher
     choices = ["videos", *args.choices]
     stage1 = {c: ranking(config, os.path.join(root, "rank1", c), c, seed, cuts[0], teacher) for c in choices}
     student1 = os.path.join(full_run, "stage_1", "train", "student")
@@ -116,7 +119,7 @@ def run_seed(args, name, seed):
             flags = choice_flags(c)
             config_c = ablation.seed_config(base, seed, cuts)
             config_c["prune"].update(flags)
-            run_loop(root, c.replace("@", "_at"), config_c, teacher)
+            ablation.run_loop(root, c.replace("@", "_at"), config_c, 2, False)
             for s in (1, 2)[same[0]:]:
                 students[(c, s)] = os.path.join(root, c.replace("@", "_at"), f"stage_{s}", "train", "student")
     order = list(students)
@@ -131,19 +134,9 @@ def run_seed(args, name, seed):
     return result
 
 
-def run_loop(root, tag, config, teacher):
-    os.makedirs(root, exist_ok=True)
-    path = os.path.join(root, f"{tag}.yaml")
-    common.atomic_write_text(path, yaml.safe_dump(config, sort_keys=False))
-    env = dict(os.environ, CONFIG=os.path.abspath(path), RUN_DIR=os.path.abspath(os.path.join(root, tag)),
-               TEACHER_CACHE=os.path.abspath(teacher))
-    subprocess.run(["bash", str(ROOT / "vip_loop.sh"), tag, "2"], env=env, check=True, cwd=ROOT,
-                   stdout=subprocess.DEVNULL)
-
-
 def table(name, results, choices):
     """One row a choice: calls, wall, Spearman and same blocks at stages 1 and 2; the students' averages."""
-    rows = ["| ranking | denoiser calls (share of the video scan's) | prune wall (s) | Spearman, stage 1 (min) | "
+    rows = ["| ranking | denoiser calls (share of the video scan's; of its candidates' videos) | prune wall (s) | Spearman, stage 1 (min) | "
             "same cut, stage 1 | Spearman, stage 2 (min) | same cut, stage 2 | student after 1 stage ± s.e. (− the "
             "video scan's; seeds +, −) | after 2 stages |", "|---|---|---|---|---|---|---|---|---|"]
     summary = {}
@@ -157,6 +150,7 @@ def table(name, results, choices):
             line[s] = {"spearman": rho, "same": sum(a["chosen"] == b["chosen"] for a, b in pairs), "n": len(pairs),
                        "calls": float(np.mean([ranking_calls(a, b) for a, b in pairs])),
                        "full_calls": float(np.mean([ranking_calls(b, b) for a, b in pairs])),
+                       "candidate_calls": float(np.mean([ranking_calls(b, b, True) for a, b in pairs])),
                        "wall_s": float(np.mean([a["wall_s"] for a, b in pairs]))}
         avg, diff = {}, {}
         for k in (1, 2):
@@ -173,7 +167,8 @@ def table(name, results, choices):
             else "– | –"
         stud = lambda k: (f"{avg[k][0]:.3f} ± {avg[k][1]:.3f}" + (f" ({diff[k][0]:+.3f}; {diff[k][1]} +, {diff[k][2]} −)"
                                                                    if c != "videos" else "")) if k in avg else "–"
-        rows.append(f"| {c} | {s1['calls']:,.0f} ({s1['calls'] / s1['full_calls']:.3f}) | {s1['wall_s']:.1f} | "
+        rows.append(f"| {c} | {s1['calls']:,.0f} ({s1['calls'] / s1['full_calls']:.3f}; "
+                    f"{s1['calls'] / s1['candidate_calls']:.3f}) | {s1['wall_s']:.1f} | "
                     f"{cell(s1)} | {cell(s2)} | {stud(1)} | {stud(2)} |")
     # stage 2's students may differ between seeds, and so their candidates: only rankings of the same blocks compare
     floor = {s: [spearman(a[s]["videos"]["cost"], b[s]["videos"]["cost"]) for a, b in itertools.combinations(results, 2)

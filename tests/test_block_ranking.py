@@ -130,7 +130,9 @@ def test_a_killed_scan_resumes_to_the_same_cut(fast_config, tmp_path, scan):
     out = run_with_fault("prune", [*argv, "--output_dir", killed], KILL_AT_SECOND_MEASURE)
     assert out.returncode == -9 and not (killed / "ranking.json").exists()
     assert [p.name for p in (killed / "scan").glob(f"{scan}__*.json")] == [f"{scan}__0000.json"]
+    first = (killed / "scan" / f"{scan}__0000.json").stat().st_mtime_ns
     run_script("python", "prune.py", *argv, "--output_dir", str(killed))
+    assert (killed / "scan" / f"{scan}__0000.json").stat().st_mtime_ns == first  # kept, not measured again
     a, b = (json.loads((d / "ranking.json").read_text()) for d in (whole, killed))
     assert a["chosen"] == b["chosen"] and a["candidates"] == b["candidates"] and a["pruned"] == b["pruned"]
 
@@ -150,7 +152,7 @@ def test_scan_proxies_counts_the_rankings_own_calls_and_shares_a_student_only_on
     from benchmarks import scan_proxies
 
     def run(chosen, calls, cost):
-        return {"chosen": chosen, "calls": calls, "cost": cost, "wall_s": 1.0}
+        return {"chosen": chosen, "calls": calls, "cost": cost, "wall_s": 1.0, "candidate_videos": 6}
 
     # the video scan: 3 candidates + M0, 2 prompts, 20 calls a video; a proxy: its calls and the cut's 2 videos
     videos = run(["a"], {"denoiser_calls/teacher": 40, "denoiser_calls/student": 120, "videos/student": 6},
@@ -158,6 +160,7 @@ def test_scan_proxies_counts_the_rankings_own_calls_and_shares_a_student_only_on
     same = run(["a"], {"denoiser_calls/student": 8 + 40, "videos/student": 2}, {"a": 1.0, "b": 3.0, "c": 2.0})
     other = run(["b"], {"denoiser_calls/student": 8 + 40, "videos/student": 2}, {"a": 2.0, "b": 1.0, "c": 3.0})
     assert scan_proxies.ranking_calls(videos, videos) == 160 and scan_proxies.ranking_calls(same, videos) == 8
+    assert scan_proxies.ranking_calls(videos, videos, candidates_only=True) == 120
     student = lambda x: {"average": x, "se": 0.01}
     results = [{"stage_1": {"videos": videos, "p": same}, "stage_2": {"videos": videos, "p": same},
                 "students": {"videos/1": student(3.0), "videos/2": student(2.0)}, "same_cuts": {"p": [True, True]}},
@@ -170,4 +173,16 @@ def test_scan_proxies_counts_the_rankings_own_calls_and_shares_a_student_only_on
     # seed 0's student is the video scan's (the same cuts), seed 1's its own
     assert summary["p"]["students"][1] == pytest.approx((3.25, 0.01)) and summary["p"]["minus_videos"][1] == (
         pytest.approx(0.15), 1, 0)
-    assert "| p | 8 (0.050) |" in md
+    assert "| p | 8 (0.050; 0.067) |" in md
+
+
+def test_a_video_scan_made_before_the_choice_stands_and_another_choice_replaces_it(fast_config, tmp_path, capsys):
+    argv = ["--config", fast_config, "--output_dir", str(tmp_path)]
+    prune.main(prune.parse_args(argv))
+    made = json.loads((tmp_path / "provenance.json").read_text())["made_from"]["prune"]
+    assert "scan" not in made and "scan_timesteps" not in made  # as a record from before the choice reads
+    prune.main(prune.parse_args([*argv, "--scan_timesteps", "3"]))  # nothing a video scan uses
+    assert "skipping" in capsys.readouterr().out
+    prune.main(prune.parse_args([*argv, "--scan", "block_influence"]))
+    assert json.loads((tmp_path / "ranking.json").read_text())["scan"] == "block_influence"
+    assert len(list((tmp_path / "replaced").iterdir())) == 1
