@@ -167,8 +167,9 @@ def table(name, results, choices):
             else "– | –"
         stud = lambda k: (f"{avg[k][0]:.3f} ± {avg[k][1]:.3f}" + (f" ({diff[k][0]:+.3f}; {diff[k][1]} +, {diff[k][2]} −)"
                                                                    if c != "videos" else "")) if k in avg else "–"
-        rows.append(f"| {c} | {s1['calls']:,.0f} ({s1['calls'] / s1['full_calls']:.3f}; "
-                    f"{s1['calls'] / s1['candidate_calls']:.3f}) | {s1['wall_s']:.1f} | "
+        share = f"{s1['candidate_calls']:,.0f} its candidates'" if c == "videos" else \
+            f"{s1['calls'] / s1['full_calls']:.3f}; {s1['calls'] / s1['candidate_calls']:.3f}"
+        rows.append(f"| {c} | {s1['calls']:,.0f} ({share}) | {s1['wall_s']:.1f} | "
                     f"{cell(s1)} | {cell(s2)} | {stud(1)} | {stud(2)} |")
     # stage 2's students may differ between seeds, and so their candidates: only rankings of the same blocks compare
     floor = {s: [spearman(a[s]["videos"]["cost"], b[s]["videos"]["cost"]) for a, b in itertools.combinations(results, 2)
