@@ -342,5 +342,15 @@ def read_video(path):
     return np.stack(frames)
 
 
+def video_fps(path):
+    """The frame rate a video file declares."""
+    try:
+        with imageio.get_reader(os.fspath(path), format="FFMPEG") as reader:
+            return float(reader.get_meta_data()["fps"])
+    except Exception as e:
+        raise ConfigError(f"{path}: cannot read video ({str(e).strip()[:200] or type(e).__name__}): expected an MP4 "
+                          f"file") from None
+
+
 # The aspects a reward scores, in VideoScore's order (the paper's table).
 ASPECTS = ("visual_quality", "temporal_consistency", "dynamic_degree", "text_alignment", "factual_consistency")
