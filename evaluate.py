@@ -48,6 +48,9 @@ OPTIONS = {
     "videos_per_prompt": (1, "videos per prompt, each with its own seed", {"min": 1}),
     "latency_runs": (3, "timed generations per model (after one warm-up); the median is reported", {"min": 1}),
     "seed": (1234, "video i uses seed + i, for every model", {"min": 0}),
+    "rewards": ([], "rewards to evaluate with, each in its own table, the first the main one (default: the config's "
+                    "reward); one that did not curate is the held-out check, e.g. [videoscore, videoreward]",
+                {"choices": tuple(rewards.REWARDS), "used": lambda args: bool(args.rewards)}),
 }
 
 ASPECT_TITLES = {"visual_quality": "Visual Quality", "temporal_consistency": "Temporal Consist.",
@@ -218,6 +221,17 @@ video{{width:160px;image-rendering:pixelated;background:#000}} p{{max-width:900p
     common.atomic_write_text(os.path.join(out, "report.html"), page)
 
 
+def reward_table(entries, name, label, aspects, curated):
+    """One more reward's scores of every model, with their average over `aspects`."""
+    head = ["Model"] + [ASPECT_TITLES[a] for a in entries[0]["by"][name] if a != "average"] + ["Average"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows += ["| " + " | ".join([m["label"]] + [f"{v:.3f}" for a, v in m["by"][name].items() if a != "average"]
+                               + [f"{m['by'][name]['average']:.3f}"]) + " |" for m in entries]
+    role = "the reward that curated" if curated else "a reward that did not curate"
+    return (f"\nEach model scored by {label}, {role}; average over {', '.join(aspects)}:\n\n"
+            + "\n".join(rows) + "\n")
+
+
 def features_table(entries):
     """The weight-free features (features.py) of each model, and the learned reward's part of an ensemble."""
     parts = [k for k in entries[0]["scores"] if "/" in k]
@@ -249,10 +263,15 @@ def main(args):
         accelerator.print(f"evaluate: {out} is done from this config and these inputs{held}; skipping")
         return
     dtype = common.weight_dtype(args.mixed_precision)
-    reward = rewards.load_reward(args, device=accelerator.device)
-    rewards.check_prompts(reward, prompts, args.eval_prompts)
+    # The first reward makes the main table; the curating one must score every aspect, another may score fewer.
+    judges = list(dict.fromkeys(args.rewards or [args.reward]))
+    loaded = {n: rewards.load_reward(args, accelerator.device, n, strict=n == args.reward) for n in judges}
+    for r in loaded.values():
+        rewards.check_prompts(r, prompts, args.eval_prompts)
+    reward, others = loaded[judges[0]], {n: loaded[n] for n in judges[1:]}
+    scored = {n: [a for a in args.aspects if a in r.aspects] or list(r.aspects) for n, r in loaded.items()}
     # The weight-free features are reported beside any learned reward (the ensemble scores them itself).
-    second = rewards.beside(args)
+    second = rewards.beside(args, judges[0])
     paths = [None] + list(args.students)
     keys = [model_key(i) for i in [None] + made["eval"]["students"]]  # one a path; a model given twice, one key
     # Items are keyed by the model's contents, the prompt's text and the seed: they stay valid whichever
@@ -273,8 +292,11 @@ def main(args):
         for k in dict.fromkeys(c["model"] for c in chunk):
             group = [c for c in chunk if c["model"] == k]
             prompts_, seeds = [c["prompt"] for c in group], [c["seed"] for c in group]
-            frames, scores = teacher_cache.frames_and_scores(kept if k == "teacher" else None, backend, held[k], reward,
-                                                             prompts_, seeds, args, cost)  # M0's: made once a run
+            # M0's are made once a run, with the scores of the config's reward
+            cache = kept if k == "teacher" and judges[0] == args.reward else None
+            frames, scores = teacher_cache.frames_and_scores(cache, backend, held[k], reward, prompts_, seeds, args, cost)
+            by = {n: r.score(list(frames), prompts_) for n, r in others.items()}
+            cost.scored(len(frames) * len(others))
             if second is not None:
                 scores = [{**s, **{f"{a}/features": v for a, v in t.items()}} for s, t in
                           zip(scores, second.score(list(frames), [c["prompt"] for c in group]))]
@@ -282,6 +304,7 @@ def main(args):
                 video = os.path.join("videos", k, c["id"].split("__")[1] + ".mp4")
                 common.write_video(os.path.join(out, video), f, fps=args.fps)
                 results[c["id"]] = {"model": k, "prompt": c["prompt"], "seed": c["seed"], "video": video, "scores": s,
+                                    "by": {n: v[group.index(c)] for n, v in by.items()},
                                     "files": {video: os.path.getsize(os.path.join(out, video))}}
         return [results[c["id"]] for c in chunk]
 
@@ -293,25 +316,30 @@ def main(args):
         for path, k in zip(paths, keys):
             mine = [r for r in results if r["model"] == k]
             scores = {a: sum(r["scores"][a] for r in mine) / len(mine) for a in mine[0]["scores"]}
+            by = {n: {a: sum(r["by"][n][a] for r in mine) / len(mine) for a in others[n].aspects} for n in others}
             with cost.as_role("teacher" if k == "teacher" else "student"):
                 measured = measure(backend, held, k, args, prompts[0], os.path.join(out, "items", f"{k}.measured.json"))
             entries.append({
                 "label": label(path), "path": path or "M0", "key": k, "scores": scores,
-                "average": sum(scores[a] for a in args.aspects) / len(args.aspects), **measured,
+                "average": sum(scores[a] for a in scored[judges[0]]) / len(scored[judges[0]]), **measured,
+                "by": {n: {**v, "average": sum(v[a] for a in scored[n]) / len(scored[n])} for n, v in by.items()},
                 "latency_s": median(measured["latency_runs_s"]), "videos": [r["video"] for r in mine],
             })
-        report = {"aspects": list(args.aspects), "prompts": args.eval_prompts, "num_prompts": len(prompts),
+        report = {"aspects": scored[judges[0]], "rewards": {n: rewards.label(args, n) for n in judges},
+                  "prompts": args.eval_prompts, "num_prompts": len(prompts),
                   "device": str(accelerator.device), "models": entries,
                   "items": [f"{r['prompt']} (seed {r['seed']})" for r in results if r["model"] == "teacher"]}
         names = backend.TABLE
         md = (f"# Evaluation on {len(prompts)} held-out prompts ({args.eval_prompts})\n\n"
-              f"Reward: {rewards.label(args)}; average over {', '.join(args.aspects)}; parameters of "
+              f"Reward: {rewards.label(args, judges[0])}; average over {', '.join(scored[judges[0]])}; parameters of "
               f"{names['blocks_are']} and of the whole {names['denoiser']}; "
               f"FLOPs of one {names['denoiser']} call for one video "
               f"({args.num_frames} frames, {args.height}x{args.width}); latency: one video, "
               f"{args.num_inference_steps} steps with guidance, median (min-max) of {args.latency_runs} after a warm-up, "
               f"on {accelerator.device}; each model measured once.\n\n"
-              + table(entries, args.aspects, names["blocks"], names["denoiser"][:1].upper() + names["denoiser"][1:] + " params")
+              + table(entries, scored[judges[0]], names["blocks"], names["denoiser"][:1].upper() + names["denoiser"][1:]
+                      + " params")
+              + "".join(reward_table(entries, n, rewards.label(args, n), scored[n], n == args.reward) for n in others)
               + features_table(entries))
         spent = ledger.run_costs(os.path.dirname(os.path.abspath(out)))  # inside a vip_loop.sh run folder
         if spent:

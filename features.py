@@ -105,13 +105,15 @@ class FeatureReward:
 
 
 class EnsembleReward:
-    """The mean of a learned reward (VideoScore, or the world's) and FeatureReward, aspect by aspect;
-    an aspect only the learned one has (text alignment) is its alone. Each part is kept as
-    `<aspect>/<part>` too, so the tables can show what each said."""
+    """The mean of a learned reward (VideoScore, VideoReward or the world's) and FeatureReward,
+    aspect by aspect, on the features' 1-4 scale (a learned reward on another scale says how to put
+    its scores on it: `on_1_to_4`); an aspect only the learned one has (text alignment) is its alone.
+    Each part is kept as `<aspect>/<part>` too, on its own scale, so the tables show what each said."""
 
     def __init__(self, learned, name):
         self.learned, self.features, self.name = learned, FeatureReward(), name
         self.aspects = learned.aspects
+        self.on_1_to_4 = getattr(learned, "on_1_to_4", lambda score: score)
 
     def unreadable(self, prompt):
         return getattr(self.learned, "unreadable", lambda p: None)(prompt)
@@ -120,7 +122,8 @@ class EnsembleReward:
         frames = [_frames(v) for v in videos]
         out = []
         for a, b in zip(self.learned.score(frames, prompts), self.features.score(frames, prompts)):
-            mixed = {k: (v + b[k]) / 2 if k in b else v for k, v in a.items()}
+            scaled = {k: self.on_1_to_4(v) for k, v in a.items()}
+            mixed = {k: (v + b[k]) / 2 if k in b else v for k, v in scaled.items()}
             mixed.update({f"{k}/{self.name}": v for k, v in a.items() if k in b})
             mixed.update({f"{k}/features": v for k, v in b.items()})
             out.append(mixed)

@@ -2,7 +2,7 @@
 its config and the contents of its inputs are what they were when it ran, and its outputs are whole.
 
 A step's `made_from` is its config without the keys that change how a run goes rather than what it
-makes, each input (a key whose rule says `"input": True`: a model, a student, a prompt file, a pair
+makes and those its settings do not use (stage.parse_config's "used" rule), each input (a key whose rule says `"input": True`: a model, a student, a prompt file, a pair
 manifest) named by its contents instead of its path: a local file or folder by the sha256 of its
 bytes (`digest`), a hub model by the commit its revision resolves to (`hub_identity`). The output
 folder records it in provenance.json when the step starts, and the outputs with their sizes when it
@@ -138,7 +138,7 @@ def made_from(args):
     for section, body in stage.config_dict(args).items():
         made[section] = {}
         for key, value in body.items():
-            if key in RUN_ONLY_KEYS:
+            if key in RUN_ONLY_KEYS or not getattr(args, "_used", {}).get(key, lambda a: True)(args):
                 continue
             if key in getattr(args, "_inputs", ()):
                 # a revision names a commit of the base model only (models.hub_kwargs)

@@ -1,6 +1,7 @@
-"""The rewards, chosen in one place (`reward.reward`): VideoScore (videoscore.py), the world's
-exact reward (world.py), the weight-free features (features.py), or the ensemble of a learned one
-with the features. Each has `aspects` and `score(videos, prompts) -> [{aspect: score}]`.
+"""The rewards, chosen in one place (`reward.reward`): VideoScore (videoscore.py), VideoReward
+(videoreward.py), the world's exact reward (world.py), the weight-free features (features.py), or the
+ensemble of a learned one with the features. Each has `aspects` and
+`score(videos, prompts) -> [{aspect: score}]`. evaluate.py may score with several (`eval.rewards`).
 """
 
 import argparse
@@ -8,22 +9,26 @@ import os
 
 import common
 import features
+import videoreward
 import videoscore
 import world
 
 
-def build_tiny(args):
-    """With build_tiny, a tiny VideoScore at reward_model where the reward uses one and none is there."""
-    if args.build_tiny and uses_videoscore(args) and not os.path.exists(os.path.join(args.reward_model, "config.json")):
-        videoscore.build_tiny(args.reward_model)
+def _dtype(args):
+    return common.weight_dtype(args.mixed_precision) if args.mixed_precision != "no" else None
 
 
 def load_videoscore(args, device=None):
-    """VideoScore from reward_model, built tiny first there when build_tiny is set."""
-    build_tiny(args)
-    dtype = common.weight_dtype(args.mixed_precision) if args.mixed_precision != "no" else None
     return videoscore.VideoScorer.from_pretrained(args.reward_model, num_frames=args.reward_num_frames, device=device,
-                                              dtype=dtype, batch_size=args.reward_batch_size, cache_dir=args.cache_dir)
+                                                  dtype=_dtype(args), batch_size=args.reward_batch_size,
+                                                  cache_dir=args.cache_dir)
+
+
+def load_videoreward(args, device=None):
+    # Frames handed over in memory are at the config's fps, as the MP4s vip writes of them.
+    return videoreward.VideoRewardScorer.from_pretrained(args.videoreward_model, device=device, dtype=_dtype(args),
+                                                         batch_size=args.reward_batch_size, video_fps=args.fps,
+                                                         cache_dir=args.cache_dir)
 
 
 def ensemble(args, device=None):
@@ -33,20 +38,42 @@ def ensemble(args, device=None):
 
 REWARDS = {
     "videoscore": load_videoscore,
+    "videoreward": load_videoreward,
     "world": lambda args, device=None: world.WorldReward(),
     "features": lambda args, device=None: features.FeatureReward(),
     "ensemble": ensemble,
 }
-LEARNED = ("videoscore", "world")  # what the ensemble averages the features with
+LEARNED = ("videoscore", "videoreward", "world")  # what the ensemble may average the features with
+
+# The learned rewards with a checkpoint: the option naming it, what it must hold, a tiny builder.
+CHECKPOINTS = {
+    "videoscore": dict(option="reward_model", files=["config.json"], module=videoscore,
+                       what="a VideoScore checkpoint (TIGER-Lab/VideoScore-v1.1)"),
+    "videoreward": dict(option="videoreward_model", files=["model_config.json"], module=videoreward,
+                        what="a VideoReward checkpoint (KwaiVGI/VideoReward: model_config.json beside "
+                             "checkpoint-<step>/model.pth)"),
+}
+
+
+def in_use(args):
+    """The rewards a step of `args` scores with: the config's, an ensemble's learned part, and
+    evaluate.py's `rewards`."""
+    names = [args.reward] + list(getattr(args, "rewards", None) or [])
+    names += [args.ensemble_with for n in names if n == "ensemble"]
+    return list(dict.fromkeys(names))
+
 
 OPTIONS = {
-    "reward": ("videoscore", "videoscore | world (world.py's exact reward, for the world's prompts) | features "
-                             "(weight-free, features.py) | ensemble (the mean of ensemble_with and features)",
+    "reward": ("videoscore", "videoscore | videoreward | world (world.py's exact reward, for the world's prompts) | "
+                             "features (weight-free, features.py) | ensemble (the mean of ensemble_with and features)",
                {"choices": tuple(REWARDS)}),
-    "ensemble_with": ("videoscore", "the learned reward reward: ensemble averages features with: videoscore | world",
-                      {"choices": LEARNED}),
+    "ensemble_with": ("videoscore", "the learned reward reward: ensemble averages features with: "
+                                    + " | ".join(LEARNED), {"choices": LEARNED}),
     "reward_model": ("TIGER-Lab/VideoScore-v1.1", "VideoScore hub id or local folder", {"input": True}),
-    "reward_num_frames": (None, "frames the reward sees (default: 48 for v1.1, 16 for v1)", {"type": int, "min": 1}),
+    "videoreward_model": ("KwaiVGI/VideoReward", "VideoReward hub id or local folder (model_config.json beside "
+                                                 "checkpoint-<step>/model.pth, as released)",
+                          {"input": True, "used": lambda args: "videoreward" in in_use(args)}),
+    "reward_num_frames": (None, "frames VideoScore sees (default: 48 for v1.1, 16 for v1)", {"type": int, "min": 1}),
     "reward_batch_size": (4, "videos per reward forward", {"min": 1}),
     "aspects": (["visual_quality", "temporal_consistency", "dynamic_degree", "text_alignment"],
                 "aspects that count: block ranking, pair selection, the table's average (the paper's four)",
@@ -54,32 +81,50 @@ OPTIONS = {
 }
 
 
-def uses_videoscore(args):
-    return "videoscore" in (args.reward, args.ensemble_with if args.reward == "ensemble" else None)
+def build_tiny(args):
+    """With build_tiny, a tiny random checkpoint of each learned reward in use where none is."""
+    for name in in_use(args):
+        c = CHECKPOINTS.get(name)
+        path = c and getattr(args, c["option"])
+        if args.build_tiny and c and not os.path.exists(os.path.join(path, c["files"][0])):
+            c["module"].build_tiny(path)
 
 
 def required_models(args):
-    """For stage.check_models: the VideoScore checkpoint, where the reward uses it."""
-    if not uses_videoscore(args):
-        return []
-    return [dict(where="reward.reward_model", name=args.reward_model, files=["config.json"],
-                 what="a VideoScore checkpoint (TIGER-Lab/VideoScore-v1.1)", tiny=True)]
+    """For stage.check_models: the checkpoint of each learned reward in use (and VideoReward's base
+    Qwen2-VL, where its model_config.json can be read here)."""
+    needed = []
+    for name in in_use(args):
+        c = CHECKPOINTS.get(name)
+        if c is None:
+            continue
+        path = getattr(args, c["option"])
+        needed.append(dict(where=f"reward.{c['option']}", name=path, files=c["files"], what=c["what"], tiny=True))
+        if name == "videoreward" and os.path.isdir(path) and not args.build_tiny:
+            needed[-1]["files"] = ["model_config.json", os.path.relpath(videoreward.checkpoint_file(path), path)]
+            config = videoreward.read_config(path)
+            needed.append(dict(where=f"{os.path.join(path, 'model_config.json')}: model_config.model_name_or_path",
+                               name=videoreward.base_of(path, config), files=videoreward.BASE_FILES,
+                               what="the base Qwen2-VL of VideoReward (Qwen/Qwen2-VL-2B-Instruct)"))
+    return needed
 
 
-def load_reward(args, device=None):
-    """The reward of the config; it must score every aspect of `aspects`."""
-    reward = REWARDS[args.reward](args, device)
+def load_reward(args, device=None, name=None, strict=True):
+    """Reward `name` (the config's by default); strict: it must score every aspect of `aspects`."""
+    name = name or args.reward
+    build_tiny(args)
+    reward = REWARDS[name](argparse.Namespace(**{**vars(args), "reward": name}), device)
     missing = [a for a in args.aspects if a not in reward.aspects]
-    if missing:
-        raise common.ConfigError(f"reward.aspects: reward {args.reward} scores only {', '.join(reward.aspects)}; got "
+    if strict and missing:
+        raise common.ConfigError(f"reward.aspects: reward {name} scores only {', '.join(reward.aspects)}; got "
                                  f"{', '.join(missing)}" + (" (use reward: ensemble for text_alignment)"
-                                                            if args.reward == "features" else ""))
+                                                            if name == "features" else ""))
     return reward
 
 
-def beside(args):
+def beside(args, name=None):
     """The weight-free features, reported beside a learned reward (an ensemble reports them itself)."""
-    return features.FeatureReward() if args.reward in LEARNED else None
+    return features.FeatureReward() if (name or args.reward) in LEARNED else None
 
 
 def check_prompts(reward, prompts, where):
@@ -90,12 +135,18 @@ def check_prompts(reward, prompts, where):
             raise common.ConfigError(f"{where}: prompt {p[:80]!r} {why}")
 
 
-def label(args):
+def label(args, name=None):
     """What a table says it scored with: never a real model's name for a random tiny one."""
+    name = name or args.reward
     names = {"world": "world (exact)", "features": "features (weight-free)"}
-    if args.reward in names:
-        return names[args.reward]
-    learned = args.ensemble_with if args.reward == "ensemble" else "videoscore"
-    name = names.get(learned) or (f"random tiny VideoScore ({args.reward_model}; its scores mean nothing)"
-                                  if videoscore.is_tiny(args.reward_model) else args.reward_model)
-    return f"mean of {name} and features (weight-free)" if args.reward == "ensemble" else name
+    if name in names:
+        return names[name]
+    learned = args.ensemble_with if name == "ensemble" else name
+    if learned in names:
+        text = names[learned]
+    else:
+        c = CHECKPOINTS[learned]
+        path, title = getattr(args, c["option"]), {"videoscore": "VideoScore", "videoreward": "VideoReward"}[learned]
+        text = (f"random tiny {title} ({path}; its scores mean nothing)" if c["module"].is_tiny(path)
+                else f"{title} ({path})" if learned == "videoreward" else path)
+    return f"mean of {text} and features (weight-free)" if name == "ensemble" else text

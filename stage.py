@@ -162,7 +162,9 @@ def parse_config(argv, description, sections):
     A rule may give "type" (for a None default; else the default's type; "per_stage": a number or
     one a stage), "choices", bounds "min", "max" (inclusive), "gt", "lt" (exclusive), and "input":
     the value names a file, folder or model whose contents the results depend on (`ns._inputs`;
-    provenance.py identifies it by them). A "model" section gets the options of the backend that the
+    provenance.py identifies it by them), and "used": a function of the parsed args saying whether
+    the key shapes the results at all (`ns._used`; one that does not is left out of what a step is
+    made from, so an option added later does not make finished steps that never use it stale). A "model" section gets the options of the backend that the
     CLI or the YAML names; where the backend gives a shared key another default, the key keeps its rule.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -204,6 +206,8 @@ def parse_config(argv, description, sections):
     ns._sections = {}
     ns._inputs = {key for options in sections.values() for key, option in options.items() if _rule(option)[1].get("input")}
     ns._cli = {key for options in sections.values() for key in options if getattr(cli, key) is not None}
+    ns._used = {key: _rule(option)[1]["used"] for options in sections.values() for key, option in options.items()
+                if "used" in _rule(option)[1]}
     for section, options in sections.items():
         ns._sections[section] = {}
         for key, option in options.items():
