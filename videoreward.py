@@ -30,6 +30,7 @@ from common import ConfigError
 
 VIDEOREWARD_DEFAULT = "KwaiVGI/VideoReward"
 BASE_DEFAULT = "Qwen/Qwen2-VL-2B-Instruct"
+BASE_FILES = ["config.json", "preprocessor_config.json", "tokenizer_config.json", "tokenizer.json"]  # no weights
 REWARD_TOKENS = ("<|VQ_reward|>", "<|MQ_reward|>", "<|TA_reward|>")
 # The paper's aspect each head scores. MQ (stability, naturalness, smoothness, and a low score for a
 # static video) is nearest temporal_consistency; no head scores dynamic_degree or factual_consistency.
@@ -151,8 +152,10 @@ def merge_lora(state, scaling):
         merged[key.replace(".base_layer.", ".")] = value
     for key in [k for k in state if ".lora_A." in k]:
         module, adapter = key.split(".lora_A.")
-        a, b = state[key].float(), state[f"{module}.lora_B.{adapter}"].float()
-        base = merged[f"{module}.weight"]
+        base, b = merged.get(f"{module}.weight"), state.get(f"{module}.lora_B.{adapter}")
+        if base is None or b is None:
+            continue  # the check of the model's keys names what is missing
+        a, b = state[key].float(), b.float()
         merged[f"{module}.weight"] = (base.float() + scaling * (b @ a)).to(base.dtype)
     return merged
 
@@ -248,7 +251,7 @@ def resolve(folder, name_or_path):
     return beside if os.path.isdir(beside) else name_or_path
 
 
-def base_of(folder, config, cache_dir=None):
+def base_of(folder, config):
     """The base Qwen2-VL the head was trained on (its config, tokenizer, image statistics only; the
     checkpoint holds every weight). Some releases name a path of the authors' cluster there."""
     name = resolve(folder, config["model_config"]["model_name_or_path"])
@@ -288,7 +291,7 @@ class VideoRewardScorer:
                         cache_dir=None, step=None):
         folder = download(name_or_path, cache_dir)
         config = read_config(folder)
-        base = base_of(folder, config, cache_dir)
+        base = base_of(folder, config)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -301,6 +304,11 @@ class VideoRewardScorer:
         path = checkpoint_file(folder, step)
         state = to_transformers(load_state(path))
         lora = config["peft_lora_config"]
+        unpaired = {k.replace(".lora_A.", ".lora_B.") for k in state if ".lora_A." in k} ^ \
+            {k for k in state if ".lora_B." in k}
+        if unpaired:
+            raise ConfigError(f"{path}: {min(unpaired)} has no pair; expected VideoAlign's LoRA model (lora_A and lora_B "
+                              f"of each adapted layer)")
         if lora["lora_enable"]:
             r = lora["lora_r"]
             state = merge_lora(state, lora["lora_alpha"] / (math.sqrt(r) if lora.get("use_rslora") else r))
@@ -330,6 +338,12 @@ class VideoRewardScorer:
     @property
     def device(self):
         return next(self.model.parameters()).device
+
+    @staticmethod
+    def on_1_to_4(score):
+        """A normalised score on VideoScore's and the features' 1-4 scale, for an ensemble with them:
+        the validation mean at the middle (2.5), two standard deviations at either end."""
+        return 2.5 + 0.75 * score
 
     def unreadable(self, prompt):
         """Why VideoReward cannot read `prompt` (None: it can): its reward tokens or video markup."""

@@ -46,6 +46,13 @@ def tiny_reward(tiny_dir):
     return videoscore.build_tiny(str(tiny_dir / "videoscore"))
 
 
+@pytest.fixture(scope="session")
+def tiny_videoreward(tiny_dir):
+    import videoreward
+
+    return videoreward.build_tiny(str(tiny_dir / "videoreward"))
+
+
 FAST = {  # the tiny config, cut down so a whole stage takes seconds
     "model": {"build_tiny": False, "num_frames": 4, "height": 64, "width": 64, "num_inference_steps": 3,
               "guidance_scale": 7.5, "generation_batch_size": 4},
@@ -59,12 +66,12 @@ FAST = {  # the tiny config, cut down so a whole stage takes seconds
 
 
 @pytest.fixture(scope="session")
-def fast_config(tiny_dir, tiny_reward, tmp_path_factory):
+def fast_config(tiny_dir, tiny_reward, tiny_videoreward, tmp_path_factory):
     """configs/tiny.yaml pointed at the session's tiny models, with FAST's overrides: a path."""
     return loop_config("tiny", tmp_path_factory.mktemp("config") / "fast config.yaml", fast_except=(),
                        model={"pretrained_model_name_or_path": str(tiny_dir / "sd"),
                               "motion_adapter": str(tiny_dir / "motion_adapter")},
-                       reward={"reward_model": tiny_reward})
+                       reward={"reward_model": tiny_reward, "videoreward_model": tiny_videoreward})
 
 
 def loop_config(name, path, fast_except=None, **sections):
