@@ -10,6 +10,7 @@ import os
 import common
 import features
 import videoreward
+import videoreward_tiny
 import videoscore
 import world
 
@@ -47,9 +48,10 @@ LEARNED = ("videoscore", "videoreward", "world")  # what the ensemble may averag
 
 # The learned rewards with a checkpoint: the option naming it, what it must hold, a tiny builder.
 CHECKPOINTS = {
-    "videoscore": dict(option="reward_model", files=["config.json"], module=videoscore,
-                       what="a VideoScore checkpoint (TIGER-Lab/VideoScore-v1.1)"),
-    "videoreward": dict(option="videoreward_model", files=["model_config.json"], module=videoreward,
+    "videoscore": dict(option="reward_model", files=["config.json"], build=videoscore.build_tiny,
+                       is_tiny=videoscore.is_tiny, what="a VideoScore checkpoint (TIGER-Lab/VideoScore-v1.1)"),
+    "videoreward": dict(option="videoreward_model", files=["model_config.json"], build=videoreward_tiny.build_tiny,
+                        is_tiny=videoreward.is_tiny,
                         what="a VideoReward checkpoint (KwaiVGI/VideoReward: model_config.json beside "
                              "checkpoint-<step>/model.pth)"),
 }
@@ -87,7 +89,7 @@ def build_tiny(args):
         c = CHECKPOINTS.get(name)
         path = c and getattr(args, c["option"])
         if args.build_tiny and c and not os.path.exists(os.path.join(path, c["files"][0])):
-            c["module"].build_tiny(path)
+            c["build"](path)
 
 
 def required_models(args):
@@ -147,6 +149,6 @@ def label(args, name=None):
     else:
         c = CHECKPOINTS[learned]
         path, title = getattr(args, c["option"]), {"videoscore": "VideoScore", "videoreward": "VideoReward"}[learned]
-        text = (f"random tiny {title} ({path}; its scores mean nothing)" if c["module"].is_tiny(path)
+        text = (f"random tiny {title} ({path}; its scores mean nothing)" if c["is_tiny"](path)
                 else f"{title} ({path})" if learned == "videoreward" else path)
     return f"mean of {text} and features (weight-free)" if name == "ensemble" else text

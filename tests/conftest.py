@@ -48,9 +48,9 @@ def tiny_reward(tiny_dir):
 
 @pytest.fixture(scope="session")
 def tiny_videoreward(tiny_dir):
-    import videoreward
+    import videoreward_tiny
 
-    return videoreward.build_tiny(str(tiny_dir / "videoreward"))
+    return videoreward_tiny.build_tiny(str(tiny_dir / "videoreward"))
 
 
 FAST = {  # the tiny config, cut down so a whole stage takes seconds

@@ -13,8 +13,8 @@ import torch
 import models
 from backends import animatediff
 import world
-from benchmarks import (cpu_loop, generation, run_cost, time_stage, train_step, vc2_precision, wan_candidates,
-                        wan_step, world_motion)
+from benchmarks import (cpu_loop, generation, reward_cost, run_cost, time_stage, train_step, vc2_precision,
+                        wan_candidates, wan_step, world_motion)
 
 bench = train_step.bench
 
@@ -198,3 +198,16 @@ def test_run_cost_counts_fewer_teacher_calls_when_the_teacher_is_made_once(capsy
     assert number(output_change, 3) == 16 * 50 + (22 + 19 + 16) * 16 + 3 * 16 * 50
     assert [number(r, i) for r in (once, output_change, influence) for i in (4, 5, 6, 7)] == [
         number(once, i) for i in (4, 5, 6, 7)] * 3  # curation, training, evaluation and the teacher: the same
+
+
+def test_reward_cost_counts_what_the_flop_counter_counts():
+    """The rewards' matmul count against FlopCounterMode on a real forward of each tiny model, and
+    the full-size models' parameters (VideoReward 2.21B, VideoScore 8.27B)."""
+    rows = {name: (counter, counted) for name, counter, counted in reward_cost.check_on_tiny()}
+    assert rows["VideoReward (tiny)"][0] == rows["VideoReward (tiny)"][1] > 0
+    counter, counted = rows["VideoScore (tiny)"]
+    assert abs(counted / counter - 1) < 0.01
+    params = sum(p.numel() for p in reward_cost.videoreward_model(reward_cost.QWEN2_VL_2B).parameters())
+    assert round(params / 1e9, 2) == 2.21
+    # a 81-frame Wan video at 16 fps: 10 frames read, resized to 336x588, 5 x 24 x 42 patches, a quarter merged
+    assert reward_cost.videoreward_tokens(81, 480, 832, 16, 1000)[2] == 5 * 24 * 42 // 4

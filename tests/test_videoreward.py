@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import common  # noqa: E402
 import videoreward as vr  # noqa: E402
+import videoreward_tiny  # noqa: E402
 from common import ConfigError  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -28,7 +29,7 @@ def sha(data):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return vr.build_tiny(str(tmp_path_factory.mktemp("videoreward") / "tiny"), seed=0)
+    return videoreward_tiny.build_tiny(str(tmp_path_factory.mktemp("videoreward") / "tiny"), seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +83,18 @@ def test_scores_match_the_official_inference(scorer):
     for raw, normed in zip(OFFICIAL["batched_raw"], OFFICIAL["batched"]):
         np.testing.assert_allclose(vr.normalise([raw[h] for h in vr.ASPECT_OF], scorer.norm),
                                    [normed[h] for h in vr.ASPECT_OF], atol=1e-9)
+
+
+def test_bf16_scores_are_the_official_ones_to_bf16_resolution(tiny):
+    """In bf16 both round: ours after merging the LoRA, the official around it. They differ by what
+    the official bf16 run differs from its own float32 one, a few bf16 steps, not more."""
+    scorer = vr.VideoRewardScorer.from_pretrained(tiny, batch_size=3, dtype=torch.bfloat16)
+    got = scorer.score([str(FIXTURES / v) for v in OFFICIAL["videos"]], OFFICIAL["prompts"])
+    ours = np.array([[g[vr.ASPECT_OF[h]] for h in vr.ASPECT_OF] for g in got])
+    official = np.array([[s[h] for h in vr.ASPECT_OF] for s in OFFICIAL["batched_bf16"]])
+    exact = np.array([[s[h] for h in vr.ASPECT_OF] for s in OFFICIAL["batched"]])
+    assert np.abs(official - exact).max() > 1e-3  # bf16 does round here
+    assert np.abs(ours - official).max() < 0.02 and np.abs(ours - exact).max() < 0.02
 
 
 def test_frames_in_memory_are_read_at_the_given_fps(scorer):
