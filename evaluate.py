@@ -339,7 +339,9 @@ def main(args):
               f"on {accelerator.device}; each model measured once.\n\n"
               + table(entries, scored[judges[0]], names["blocks"], names["denoiser"][:1].upper() + names["denoiser"][1:]
                       + " params")
-              + "".join(reward_table(entries, n, rewards.label(args, n), scored[n], n == args.reward) for n in others)
+              + "".join(reward_table(entries, n, rewards.label(args, n), scored[n],
+                                     n in (args.reward, args.ensemble_with if args.reward == "ensemble" else None))
+                        for n in others)
               + features_table(entries))
         spent = ledger.run_costs(os.path.dirname(os.path.abspath(out)))  # inside a vip_loop.sh run folder
         if spent:

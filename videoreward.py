@@ -294,11 +294,17 @@ class VideoRewardScorer:
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
-        tokenizer = AutoTokenizer.from_pretrained(base, cache_dir=cache_dir)
+        try:  # a hub id's base is known only now, after its model_config.json came down
+            tokenizer = AutoTokenizer.from_pretrained(base, cache_dir=cache_dir)
+            with open(cached_file(base, "preprocessor_config.json", cache_dir=cache_dir)) as f:
+                image_config = json.load(f)
+            model_config = Qwen2VLConfig.from_pretrained(base, cache_dir=cache_dir)
+        except (OSError, ValueError) as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ConfigError(f"{os.path.join(folder, 'model_config.json')}: model_config.model_name_or_path {base}: "
+                              f"cannot read its config, tokenizer and preprocessor ({reason}); expected "
+                              f"{BASE_DEFAULT} or a local copy of it") from None
         tokenizer.add_special_tokens({"additional_special_tokens": list(REWARD_TOKENS)})
-        with open(cached_file(base, "preprocessor_config.json", cache_dir=cache_dir)) as f:
-            image_config = json.load(f)
-        model_config = Qwen2VLConfig.from_pretrained(base, cache_dir=cache_dir)
         path = checkpoint_file(folder, step)
         state = to_transformers(load_state(path))
         lora = config["peft_lora_config"]

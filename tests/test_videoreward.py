@@ -232,6 +232,15 @@ def test_a_wrong_layout_is_one_line_naming_what_is_missing(tiny, tmp_path):
     one_line(e, "pickle/checkpoint-1/model.pth: cannot read")
 
 
+def test_a_base_that_is_not_there_is_one_line(tiny, tmp_path):
+    path = broken(tiny, tmp_path, "no_base")
+    shutil.rmtree(path / "base")
+    with pytest.raises(ConfigError) as e:
+        vr.VideoRewardScorer.from_pretrained(str(path))
+    one_line(e, "no_base/model_config.json: model_config.model_name_or_path base: cannot read",
+             "Qwen/Qwen2-VL-2B-Instruct")
+
+
 def test_base_named_by_a_path_of_the_authors_cluster_falls_back_to_the_hub(tiny, tmp_path):
     path = broken(tiny, tmp_path, "pfs")
     config = json.loads((path / "model_config.json").read_text())
