@@ -352,5 +352,24 @@ def video_fps(path):
                           f"file") from None
 
 
+def video_frames(video, min_frames=1):
+    """A reward's input as uint8 frames (F, H, W, 3): an MP4 path read, an array checked."""
+    frames = read_video(video) if isinstance(video, (str, os.PathLike)) else video
+    if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 \
+            or len(frames) < min_frames:
+        what = f"{frames.dtype} array of shape {frames.shape}" if isinstance(frames, np.ndarray) else type(frames).__name__
+        raise ValueError(f"video must be an MP4 path or a uint8 array (F, H, W, 3) with F >= {min_frames}, got {what}")
+    return frames
+
+
+def in_batches(score_batch, videos, prompts, batch_size):
+    """score_batch(videos, prompts) over consecutive batches: one result a (video, prompt) pair."""
+    videos, prompts = list(videos), list(prompts)
+    if len(videos) != len(prompts):
+        raise ValueError(f"got {len(videos)} videos but {len(prompts)} prompts")
+    return [s for i in range(0, len(videos), batch_size)
+            for s in score_batch(videos[i:i + batch_size], prompts[i:i + batch_size])]
+
+
 # The aspects a reward scores, in VideoScore's order (the paper's table).
 ASPECTS = ("visual_quality", "temporal_consistency", "dynamic_degree", "text_alignment", "factual_consistency")

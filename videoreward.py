@@ -357,26 +357,13 @@ class VideoRewardScorer:
     def frames(self, video):
         """The frames the official inference reads from a video (an MP4 path, or uint8 frames at the
         config's fps), resized, as (T, 3, H, W) floats of whole values."""
-        if isinstance(video, (str, os.PathLike)):
-            frames, video_fps = common.read_video(video), common.video_fps(video)
-        else:
-            frames, video_fps = video, self.video_fps
-        if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8 or frames.ndim != 4 \
-                or frames.shape[-1] != 3 or len(frames) < FRAME_FACTOR:
-            what = f"{frames.dtype} array of shape {frames.shape}" if isinstance(frames, np.ndarray) \
-                else type(frames).__name__
-            raise ValueError(f"video must be an MP4 path or a uint8 array (F, H, W, 3) with F >= 2, got {what}")
+        frames = common.video_frames(video, min_frames=FRAME_FACTOR)
+        video_fps = common.video_fps(video) if isinstance(video, (str, os.PathLike)) else self.video_fps
         picked = frames[frame_indices(len(frames), num_frames(len(frames), video_fps, self.fps))]
         return resize(picked, *smart_resize(*frames.shape[1:3], max_pixels=self.max_pixels))
 
     def score(self, videos, prompts):
-        videos, prompts = list(videos), list(prompts)
-        if len(videos) != len(prompts):
-            raise ValueError(f"got {len(videos)} videos but {len(prompts)} prompts")
-        scores = []
-        for i in range(0, len(videos), self.batch_size):
-            scores += self._score_batch(videos[i:i + self.batch_size], prompts[i:i + self.batch_size])
-        return scores
+        return common.in_batches(self._score_batch, videos, prompts, self.batch_size)
 
     @torch.inference_mode()
     def _score_batch(self, videos, prompts):

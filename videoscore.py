@@ -20,7 +20,7 @@ from transformers import (AutoProcessor, Idefics2Config, Idefics2ImageProcessor,
                           Idefics2Processor, PreTrainedTokenizerFast)
 
 import common
-from common import ASPECTS, read_video
+from common import ASPECTS
 
 
 def sample_frames(frames, num_frames):
@@ -122,22 +122,10 @@ class VideoScorer:
         return bad and f"contains {bad!r}, which VideoScore's processor reads as an image slot; remove it"
 
     def _clip(self, video):
-        frames = read_video(video) if isinstance(video, (str, os.PathLike)) else video
-        if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8 or frames.ndim != 4 \
-                or frames.shape[-1] != 3 or len(frames) == 0:
-            what = f"{frames.dtype} array of shape {frames.shape}" if isinstance(frames, np.ndarray) \
-                else type(frames).__name__
-            raise ValueError(f"video must be an MP4 path or a uint8 array (F, H, W, 3) with F >= 1, got {what}")
-        return sample_frames(frames, self.num_frames)
+        return sample_frames(common.video_frames(video), self.num_frames)
 
     def score(self, videos, prompts):
-        videos, prompts = list(videos), list(prompts)
-        if len(videos) != len(prompts):
-            raise ValueError(f"got {len(videos)} videos but {len(prompts)} prompts")
-        scores = []
-        for i in range(0, len(videos), self.batch_size):
-            scores += self._score_batch(videos[i:i + self.batch_size], prompts[i:i + self.batch_size])
-        return scores
+        return common.in_batches(self._score_batch, videos, prompts, self.batch_size)
 
     @torch.inference_mode()
     def _score_batch(self, videos, prompts):
