@@ -2,7 +2,7 @@
 its config and the contents of its inputs are what they were when it ran, and its outputs are whole.
 
 A step's `made_from` is its config without the keys that change how a run goes rather than what it
-makes and those its settings do not use (stage.parse_config's "used" rule), each input (a key whose rule says `"input": True`: a model, a student, a prompt file, a pair
+makes, those its settings do not use marked UNUSED (stage.parse_config's "used" rule), each input (a key whose rule says `"input": True`: a model, a student, a prompt file, a pair
 manifest) named by its contents instead of its path: a local file or folder by the sha256 of its
 bytes (`digest`), a hub model by the commit its revision resolves to (`hub_identity`). The output
 folder records it in provenance.json when the step starts, and the outputs with their sizes when it
@@ -15,6 +15,7 @@ digest, and a file rewritten in place (a retrained student, a teacher trained ag
 is hashed again.
 """
 
+import argparse
 import contextlib
 import fcntl
 import glob
@@ -132,27 +133,62 @@ def identity(value, revision=None, cache_dir=None):
     return "hub:" + hub_identity(value, revision, cache_dir)
 
 
+UNUSED = "<unused>"  # a key the step's settings do not use (stage.parse_config's "used" rule)
+
+
+class Made(dict):
+    """What a step is made from ({section: {key: value}}), with the "used" rules of its options
+    (`used`), by which a saved record is read: see `differing`."""
+
+    def __init__(self, sections, used=None):
+        super().__init__(sections)
+        self.used = used or {}
+
+    def settings(self, drop=()):
+        """The values as a Namespace the rules read (`drop`: keys left out)."""
+        return settings(self, drop)
+
+
+def settings(made, drop=()):
+    return argparse.Namespace(**{k: v for body in made.values() if isinstance(body, dict) for k, v in body.items()
+                                 if k not in drop})
+
+
 def made_from(args):
-    """What a step of `args` makes its results from: the config that changes them, inputs by contents."""
-    made = {}
+    """What a step of `args` makes its results from: the config that changes them, inputs by contents;
+    a key its settings do not use is UNUSED, whatever its value (an unused model's identity, which
+    changes when the model is downloaded or built for another step, changes nothing here)."""
+    made, used = {}, getattr(args, "_used", {})
     for section, body in stage.config_dict(args).items():
         made[section] = {}
         for key, value in body.items():
-            if key in RUN_ONLY_KEYS or not getattr(args, "_used", {}).get(key, lambda a: True)(args):
+            if key in RUN_ONLY_KEYS:
                 continue
-            if key in getattr(args, "_inputs", ()):
+            if key in used and not used[key](args):
+                value = UNUSED
+            elif key in getattr(args, "_inputs", ()):
                 # a revision names a commit of the base model only (models.hub_kwargs)
                 revision = getattr(args, "revision", None) if key == "pretrained_model_name_or_path" else None
                 value = identity(value, revision, getattr(args, "cache_dir", None))
             made[section][key] = value
-    return json.loads(json.dumps(made, default=str))  # as provenance.json reads back
+    return Made(json.loads(json.dumps(made, default=str)), used)  # as provenance.json reads back
 
 
 def differing(saved, current, ignore=()):
-    """The keys (section.key) whose values differ. A key `saved` lacks differs; a key only `saved`
-    has (a version's that this one dropped) cannot change what this version makes."""
+    """The keys (section.key) whose values differ. A key `saved` lacks differs, unless `current`
+    does not use it; a key only `saved` has (a version's that this one dropped) cannot change what
+    this version makes. A key `current` does not use is unchanged where the saved run did not use it
+    either: a record older than the key's rule holds a value, and the rule on its settings tells."""
+    rules = getattr(current, "used", {})
+    old = settings(saved)
+
+    def same(key, was, now):
+        if now == UNUSED:
+            return was in ("<unset>", UNUSED) or (key in rules and not rules[key](old))
+        return was == now
+
     return [f"{s}.{k}" for s, body in current.items() for k, v in body.items()
-            if k not in ignore and (saved.get(s) or {}).get(k, "<unset>") != v]
+            if k not in ignore and not same(k, (saved.get(s) or {}).get(k, "<unset>"), v)]
 
 
 # -----------------------------------------------------------------------------

@@ -50,9 +50,10 @@ OPTIONS = {
     "scan": ("videos", "how the candidates are ranked: videos (each removed alone, videos generated and scored), or "
                        "without a video: output_change (one denoiser call a candidate) or block_influence (forward "
                        "hooks on the full model's calls); docs/cost.md measures them",
-             {"choices": ("videos", *block_ranking.MEASURES)}),
+             # the video scan is what ran before the choice existed: its finished results stand
+             {"choices": ("videos", *block_ranking.MEASURES), "used": lambda args: args.scan != "videos"}),
     "scan_timesteps": (1, "output_change and block_influence: sampler timesteps each of M0's latents is noised to",
-                       {"min": 1}),
+                       {"min": 1, "used": lambda args: args.scan != "videos"}),
     # A cheaper scan: the ranking's fidelity against the full settings is measured in README "Run cost".
     "scan_num_inference_steps": (None, "denoising steps of the scan's videos (default: model.num_inference_steps)",
                                  {"type": int, "min": 1}),
@@ -128,9 +129,6 @@ def main(args):
     accelerator = Accelerator()
     with accelerator.main_process_first():  # the first to digest a model keeps the digest for the others
         made = provenance.made_from(args)
-    if args.scan == "videos":  # the scan there was before the choice: the results it made stand
-        for key in ("scan", "scan_timesteps"):
-            made["prune"].pop(key)
     if provenance.done(args.output_dir, made):
         accelerator.print(f"prune: {args.output_dir} is done from this config and these inputs; skipping")
         return

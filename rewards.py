@@ -58,9 +58,9 @@ CHECKPOINTS = {
 
 
 def in_use(args):
-    """The rewards a step of `args` scores with: the config's, an ensemble's learned part, and
-    evaluate.py's `rewards`."""
-    names = [args.reward] + list(getattr(args, "rewards", None) or [])
+    """The rewards a step of `args` scores with: evaluate.py's `rewards`, or the config's reward;
+    with an ensemble's learned part."""
+    names = list(getattr(args, "rewards", None) or [args.reward])
     names += [args.ensemble_with for n in names if n == "ensemble"]
     return list(dict.fromkeys(names))
 
@@ -71,7 +71,8 @@ OPTIONS = {
                {"choices": tuple(REWARDS)}),
     "ensemble_with": ("videoscore", "the learned reward reward: ensemble averages features with: "
                                     + " | ".join(LEARNED), {"choices": LEARNED}),
-    "reward_model": ("TIGER-Lab/VideoScore-v1.1", "VideoScore hub id or local folder", {"input": True}),
+    "reward_model": ("TIGER-Lab/VideoScore-v1.1", "VideoScore hub id or local folder",
+                     {"input": True, "used": lambda args: "videoscore" in in_use(args)}),
     "videoreward_model": ("KwaiVGI/VideoReward", "VideoReward hub id or local folder (model_config.json beside "
                                                  "checkpoint-<step>/model.pth, as released)",
                           {"input": True, "used": lambda args: "videoreward" in in_use(args)}),

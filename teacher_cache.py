@@ -21,11 +21,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import common
+import provenance
 
 
 def settings_key(made):
-    """A digest of what makes M0's videos and their scores: the model and reward sections of `made`."""
-    settings = {s: made[s] for s in ("model", "reward") if s in made}
+    """A digest of what makes M0's videos and their scores: the model and reward sections of `made`,
+    but for keys the curating reward does not use (a model only evaluate.py's `rewards` reads)."""
+    rules, curating = getattr(made, "used", {}), provenance.settings(made, drop=("rewards",))
+    settings = {s: {k: v for k, v in made[s].items() if v != provenance.UNUSED and not (k in rules and not rules[k](curating))}
+                for s in ("model", "reward") if s in made}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16], settings
 
 

@@ -221,10 +221,14 @@ def read_config(folder):
                           f"model_config and peft_lora_config") from None
     what = {"prompt_template_type": (data["prompt_template_type"], "detailed_special"),
             "reward_token": (model["reward_token"], "special"), "use_special_tokens": (model["use_special_tokens"], True),
-            "num_frames": (data.get("num_frames"), None), "sample_type": (data.get("sample_type", "uniform"), "uniform")}
+            "num_frames": (data.get("num_frames"), None), "sample_type": (data.get("sample_type", "uniform"), "uniform"),
+            "eval_dim": (data["eval_dim"], list(ASPECT_OF))}
     for key, (got, want) in what.items():
         if got != want:
             raise ConfigError(f"{path}: {key} is {got!r}; only the released VideoReward's {want!r} is supported")
+    if model["output_dim"] not in (1, len(ASPECT_OF)):
+        raise ConfigError(f"{path}: output_dim is {model['output_dim']!r}; expected 1 or {len(ASPECT_OF)} (one output a "
+                          f"reward token)")
     return config
 
 

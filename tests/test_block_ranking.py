@@ -179,9 +179,15 @@ def test_scan_proxies_counts_the_rankings_own_calls_and_shares_a_student_only_on
 def test_a_video_scan_made_before_the_choice_stands_and_another_choice_replaces_it(fast_config, tmp_path, capsys):
     argv = ["--config", fast_config, "--output_dir", str(tmp_path)]
     prune.main(prune.parse_args(argv))
-    made = json.loads((tmp_path / "provenance.json").read_text())["made_from"]["prune"]
-    assert "scan" not in made and "scan_timesteps" not in made  # as a record from before the choice reads
+    record = tmp_path / "provenance.json"
+    made = json.loads(record.read_text())["made_from"]
+    assert made["prune"]["scan"] == made["prune"]["scan_timesteps"] == "<unused>"
     prune.main(prune.parse_args([*argv, "--scan_timesteps", "3"]))  # nothing a video scan uses
+    assert "skipping" in capsys.readouterr().out
+    for key in ("scan", "scan_timesteps"):  # as a record from before the choice reads
+        del made["prune"][key]
+    record.write_text(json.dumps({**json.loads(record.read_text()), "made_from": made}))
+    prune.main(prune.parse_args(argv))
     assert "skipping" in capsys.readouterr().out
     prune.main(prune.parse_args([*argv, "--scan", "block_influence"]))
     assert json.loads((tmp_path / "ranking.json").read_text())["scan"] == "block_influence"

@@ -218,7 +218,8 @@ def test_evaluate_writes_the_paper_table(fast_config, stage):
         assert all(common.read_video(out / v).shape == (4, 64, 64, 3) for v in m["videos"])
     table = (out / "eval.md").read_text()
     assert "| Model | Visual Quality | Temporal Consist. | Dynamic Degree | Text Align. | Average |" in table
-    assert table.count("\n| ") == 8  # the reward's table and the weight-free features', each header + 3 models
+    # the reward's table, VideoReward's (which did not curate: eval.rewards) and the features', each header + 3 models
+    assert table.count("\n| ") == 12 and "Each model scored by random tiny VideoReward" in table
     assert "| Model | Visual Quality (features) | Temporal Consist. (features) | Dynamic Degree (features) |" in table
     assert all(1 <= m["scores"][f"{a}/features"] <= 4 for m in report["models"]
                for a in ("visual_quality", "temporal_consistency", "dynamic_degree"))

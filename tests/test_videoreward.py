@@ -317,19 +317,40 @@ def test_evaluation_by_two_rewards_writes_both_tables(fast_config, tiny_stage, t
     assert "Reward: random tiny VideoReward" in (alone / "eval.md").read_text()
 
 
-def test_options_a_step_does_not_use_are_no_part_of_what_it_is_made_from(fast_config):
-    """A step that scores with VideoScore alone is made from what it was before VideoReward existed,
-    so a finished run stays finished after the upgrade; one that uses it is made from its contents."""
+def test_what_a_step_does_not_use_is_unused_in_what_it_is_made_from(fast_config):
+    """A step records a model it does not score with as unused, not by its contents (which change
+    when another step downloads or builds it); a record older than the option stands; one that used
+    it differs when it is no longer used."""
     import evaluate
+    import prune
     import provenance
+    import teacher_cache
 
-    one = provenance.made_from(evaluate.parse_args(["--config", fast_config, "--output_dir", "x"]))
-    assert one["eval"]["rewards"] == ["videoscore", "videoreward"]
-    assert one["reward"]["videoreward_model"].startswith("sha256:")
-    alone = evaluate.parse_args(["--config", fast_config])
-    alone.rewards = []
-    made = provenance.made_from(alone)
-    assert "videoreward_model" not in made["reward"] and "rewards" not in made["eval"]
+    both = provenance.made_from(evaluate.parse_args(["--config", fast_config]))
+    assert both["eval"]["rewards"] == ["videoscore", "videoreward"]
+    assert both["reward"]["videoreward_model"].startswith("sha256:") and both["reward"]["reward_model"].startswith("sha")
+    args = evaluate.parse_args(["--config", fast_config])
+    args.rewards = []  # as a config without eval.rewards
+    alone = provenance.made_from(args)
+    assert alone["eval"]["rewards"] == alone["reward"]["videoreward_model"] == provenance.UNUSED
+    assert sorted(provenance.differing(both, alone)) == ["eval.rewards", "reward.videoreward_model"]  # used, not now
+
+    curated = prune.parse_args(["--config", fast_config, "--output_dir", "x", "--reward", "videoreward",
+                                "--aspects", "visual_quality", "text_alignment"])
+    made = provenance.made_from(curated)
+    assert made["reward"]["reward_model"] == provenance.UNUSED and made["reward"]["videoreward_model"].startswith("sha")
+    older = json.loads(json.dumps(made))  # as a version before these rules wrote it
+    older["reward"]["reward_model"] = "hub:TIGER-Lab/VideoScore-v1.1@main"
+    assert provenance.differing(older, made) == []
+    del older["reward"]["reward_model"]
+    assert provenance.differing(older, made) == []
+
+    # M0's videos are kept by what the curating reward reads: evaluate's extra rewards change nothing
+    evaluated = provenance.made_from(evaluate.parse_args(["--config", fast_config, "--reward", "videoreward",
+                                                          "--aspects", "visual_quality", "text_alignment",
+                                                          "--rewards", "videoreward", "videoscore"]))
+    assert evaluated["reward"]["reward_model"].startswith("sha")
+    assert teacher_cache.settings_key(evaluated)[0] == teacher_cache.settings_key(made)[0]
 
 
 def test_an_ensemble_with_videoreward_is_on_the_one_to_four_scale(fast_config):
@@ -351,24 +372,23 @@ def test_an_ensemble_with_videoreward_is_on_the_one_to_four_scale(fast_config):
     assert rewards.label(args).startswith("mean of random tiny VideoReward")
 
 
-def test_vip_loop_curates_with_videoreward(fast_config, tiny_videoreward, tmp_path):
-    """bash vip_loop.sh tiny_videoreward 1: pruned, curated and trained by VideoReward, evaluated by it
-    and by VideoScore, which did not curate."""
+def test_vip_loop_curates_with_videoreward_and_a_rerun_redoes_nothing(tiny_dir, tiny_videoreward, tmp_path):
+    """configs/tiny_videoreward.yaml (cut down): pruned, curated and trained by VideoReward, evaluated
+    by it and by VideoScore, which did not curate and is built only then; the same command again
+    skips every step."""
     import subprocess
 
-    import yaml
+    from conftest import ROOT, loop_config
 
-    from conftest import ROOT
-
-    config = yaml.safe_load(open(fast_config))
-    config["reward"].update(reward="videoreward", aspects=["visual_quality", "temporal_consistency", "text_alignment"])
-    config["eval"]["rewards"] = ["videoreward", "videoscore"]
-    config["curate"]["max_prompts"] = 12  # a random reward prefers M0's video about one time in five
-    path = tmp_path / "videoreward.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = loop_config("tiny_videoreward", tmp_path / "videoreward.yaml", fast_except=("build_tiny",),
+                       model={"pretrained_model_name_or_path": str(tiny_dir / "sd"),
+                              "motion_adapter": str(tiny_dir / "motion_adapter")},
+                       reward={"videoreward_model": tiny_videoreward, "reward_model": str(tmp_path / "videoscore")},
+                       curate={"max_prompts": 12})  # a random reward prefers M0's video about one time in five
     run = tmp_path / "run"
+    env = {**os.environ, "CONFIG": path, "RUN_DIR": str(run)}
     result = subprocess.run(["bash", "vip_loop.sh", "tiny_videoreward", "1"], cwd=ROOT, capture_output=True, text=True,
-                            env={**os.environ, "CONFIG": str(path), "RUN_DIR": str(run)}, timeout=900)
+                            env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     ranking = json.loads((run / "stage_1" / "prune" / "ranking.json").read_text())
     assert set(ranking["targets"]) <= {"visual_quality", "temporal_consistency", "text_alignment"}
@@ -377,4 +397,11 @@ def test_vip_loop_curates_with_videoreward(fast_config, tiny_videoreward, tmp_pa
                          for p in pairs)
     md = (run / "eval" / "eval.md").read_text()
     assert "Reward: random tiny VideoReward" in md and "Each model scored by random tiny VideoScore" in md
-    assert (run / "export" / "model_index.json").exists()
+    assert (run / "export" / "model_index.json").exists() and (tmp_path / "videoscore" / "config.json").exists()
+
+    again = subprocess.run(["bash", "vip_loop.sh", "tiny_videoreward", "1"], cwd=ROOT, capture_output=True, text=True,
+                           env=env, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for step in ("prune", "curate", "train", "evaluate"):
+        assert f"{step}: " in again.stdout + again.stderr and "skipping" in again.stdout + again.stderr, step
+    assert "pairs:" not in again.stderr and "block scan:" not in again.stderr  # no work was done again
