@@ -142,7 +142,7 @@ def patchify(frames, mean, std, patch_size=14, temporal_patch_size=2, merge_size
 
 def merge_lora(state, scaling):
     """A PEFT LoRA model's state dict as the plain model's: each `<m>.base_layer.weight` plus
-    scaling * lora_B @ lora_A, computed in float32, under `<m>.weight`."""
+    scaling * lora_B @ lora_A, in float32, under `<m>.weight`."""
     merged = {}
     for key, value in state.items():
         if ".lora_A." in key or ".lora_B." in key:
@@ -154,7 +154,7 @@ def merge_lora(state, scaling):
         if base is None or b is None:
             continue  # the check of the model's keys names what is missing
         a, b = state[key].float(), b.float()
-        merged[f"{module}.weight"] = (base.float() + scaling * (b @ a)).to(base.dtype)
+        merged[f"{module}.weight"] = base.float() + scaling * (b @ a)  # rounded once, to the dtype it is loaded in
     return merged
 
 
@@ -164,7 +164,9 @@ def to_transformers(state):
     out = {}
     for key, value in state.items():
         key = key.removeprefix("base_model.model.")
-        if key.startswith("model."):
+        if key.startswith(("model.language_model.", "model.visual.")):  # saved by transformers 4.52 or later
+            out[key] = value
+        elif key.startswith("model."):
             out["model.language_model." + key[len("model."):]] = value
         elif key.startswith("visual."):
             out["model." + key] = value

@@ -405,3 +405,17 @@ def test_vip_loop_curates_with_videoreward_and_a_rerun_redoes_nothing(tiny_dir, 
     for step in ("prune", "curate", "train", "evaluate"):
         assert f"{step}: " in again.stdout + again.stderr and "skipping" in again.stdout + again.stderr, step
     assert "pairs:" not in again.stderr and "block scan:" not in again.stderr  # no work was done again
+
+
+def test_a_checkpoint_saved_by_newer_transformers_loads_the_same(scorer, tiny, tmp_path):
+    """VideoAlign trained on transformers 4.45; a model.pth saved from 4.52 on names the language
+    model `model.language_model.*` and the vision tower `model.visual.*`."""
+    path = broken(tiny, tmp_path, "newer")
+    state = torch.load(path / "checkpoint-1" / "model.pth", weights_only=True)
+    renamed = {k.replace("base_model.model.model.", "base_model.model.model.language_model.")
+                .replace("base_model.model.visual.", "base_model.model.model.visual."): v for k, v in state.items()}
+    assert renamed.keys() != state.keys()
+    torch.save(renamed, path / "checkpoint-1" / "model.pth")
+    newer = vr.VideoRewardScorer.from_pretrained(str(path))
+    video = str(FIXTURES / OFFICIAL["videos"][1])
+    assert newer.score([video], ["a cat"]) == scorer.score([video], ["a cat"])
