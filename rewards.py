@@ -86,10 +86,10 @@ OPTIONS = {
 
 def build_tiny(args):
     """With build_tiny, a tiny random checkpoint of each learned reward in use where none is."""
-    for name in in_use(args):
+    for name in in_use(args) if getattr(args, "build_tiny", False) else ():
         c = CHECKPOINTS.get(name)
         path = c and getattr(args, c["option"])
-        if args.build_tiny and c and not os.path.exists(os.path.join(path, c["files"][0])):
+        if c and not os.path.exists(os.path.join(path, c["files"][0])):
             c["build"](path)
 
 

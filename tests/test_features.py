@@ -83,7 +83,7 @@ def test_config_switches_and_their_errors():
         rewards.load_reward(args)
     args.reward, args.ensemble_with = "ensemble", "world"
     assert isinstance(rewards.load_reward(args).learned, world.WorldReward)
-    with pytest.raises(common.ConfigError, match="--ensemble_with: expected one of videoscore, world; got 'clip'"):
+    with pytest.raises(common.ConfigError, match="--ensemble_with: expected one of videoscore, videoreward, world; got 'clip'"):
         stage.parse_config(["--ensemble_with", "clip"], "t", {"reward": rewards.OPTIONS})
-    with pytest.raises(common.ConfigError, match="--reward: expected one of videoscore, world, features, ensemble"):
+    with pytest.raises(common.ConfigError, match="--reward: expected one of videoscore, videoreward, world, features, ensemble"):
         stage.parse_config(["--reward", "clip"], "t", {"reward": rewards.OPTIONS})
