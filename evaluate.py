@@ -300,11 +300,11 @@ def main(args):
             if second is not None:
                 scores = [{**s, **{f"{a}/features": v for a, v in t.items()}} for s, t in
                           zip(scores, second.score(list(frames), [c["prompt"] for c in group]))]
-            for c, f, s in zip(group, frames, scores):
+            for i, (c, f, s) in enumerate(zip(group, frames, scores)):
                 video = os.path.join("videos", k, c["id"].split("__")[1] + ".mp4")
                 common.write_video(os.path.join(out, video), f, fps=args.fps)
                 results[c["id"]] = {"model": k, "prompt": c["prompt"], "seed": c["seed"], "video": video, "scores": s,
-                                    "by": {n: v[group.index(c)] for n, v in by.items()},
+                                    "by": {n: v[i] for n, v in by.items()},
                                     "files": {video: os.path.getsize(os.path.join(out, video))}}
         return [results[c["id"]] for c in chunk]
 

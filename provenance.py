@@ -2,12 +2,13 @@
 its config and the contents of its inputs are what they were when it ran, and its outputs are whole.
 
 A step's `made_from` is its config without the keys that change how a run goes rather than what it
-makes, those its settings do not use marked UNUSED (stage.parse_config's "used" rule), each input (a key whose rule says `"input": True`: a model, a student, a prompt file, a pair
-manifest) named by its contents instead of its path: a local file or folder by the sha256 of its
-bytes (`digest`), a hub model by the commit its revision resolves to (`hub_identity`). The output
-folder records it in provenance.json when the step starts, and the outputs with their sizes when it
-finishes. A rerun is done when both still hold; it resumes where they were made from the same and
-only outputs are missing; results made from anything else move aside to replaced/<time>/.
+makes, those its settings do not use marked UNUSED (stage.parse_config's "used" rule), each input
+(a key whose rule says `"input": True`: a model, a student, a prompt file, a pair manifest) named
+by its contents instead of its path: a local file or folder by the sha256 of its bytes (`digest`),
+a hub model by the commit its revision resolves to (`hub_identity`). The output folder records it
+in provenance.json when the step starts, and the outputs with their sizes when it finishes. A rerun
+is done when both still hold; it resumes where they were made from the same and only outputs are
+missing; results made from anything else move aside to replaced/<time>/.
 
 A big file's digest is computed once and kept in its folder's .digests.json, guarded by its size,
 mtime and inode: a producer's first consumer hashes a student once, the steps after it read the
@@ -144,12 +145,9 @@ class Made(dict):
         super().__init__(sections)
         self.used = used or {}
 
-    def settings(self, drop=()):
-        """The values as a Namespace the rules read (`drop`: keys left out)."""
-        return settings(self, drop)
-
 
 def settings(made, drop=()):
+    """The values of `made` (or of a saved record) as the Namespace the "used" rules read."""
     return argparse.Namespace(**{k: v for body in made.values() if isinstance(body, dict) for k, v in body.items()
                                  if k not in drop})
 

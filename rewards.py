@@ -49,9 +49,12 @@ LEARNED = ("videoscore", "videoreward", "world")  # what the ensemble may averag
 # The learned rewards with a checkpoint: the option naming it, what it must hold, a tiny builder.
 CHECKPOINTS = {
     "videoscore": dict(option="reward_model", files=["config.json"], build=videoscore.build_tiny,
-                       is_tiny=videoscore.is_tiny, what="a VideoScore checkpoint (TIGER-Lab/VideoScore-v1.1)"),
+                       is_tiny=videoscore.is_tiny, title="VideoScore", label="{path}",
+                       what="a VideoScore checkpoint (TIGER-Lab/VideoScore-v1.1)"),
+    # a local VideoReward folder names its model file and its base model (videoreward.local_requirements)
     "videoreward": dict(option="videoreward_model", files=["model_config.json"], build=videoreward_tiny.build_tiny,
-                        is_tiny=videoreward.is_tiny,
+                        is_tiny=videoreward.is_tiny, title="VideoReward", label="VideoReward ({path})",
+                        local=videoreward.local_requirements,
                         what="a VideoReward checkpoint (KwaiVGI/VideoReward: model_config.json beside "
                              "checkpoint-<step>/model.pth)"),
 }
@@ -102,13 +105,9 @@ def required_models(args):
         if c is None:
             continue
         path = getattr(args, c["option"])
-        needed.append(dict(where=f"reward.{c['option']}", name=path, files=c["files"], what=c["what"], tiny=True))
-        if name == "videoreward" and os.path.isdir(path) and not args.build_tiny:
-            needed[-1]["files"] = ["model_config.json", os.path.relpath(videoreward.checkpoint_file(path), path)]
-            config = videoreward.read_config(path)
-            needed.append(dict(where=f"{os.path.join(path, 'model_config.json')}: model_config.model_name_or_path",
-                               name=videoreward.base_of(path, config), files=videoreward.BASE_FILES,
-                               what="the base Qwen2-VL of VideoReward (Qwen/Qwen2-VL-2B-Instruct)"))
+        files, more = (c["local"](path) if "local" in c and os.path.isdir(path) and not args.build_tiny
+                       else (c["files"], []))
+        needed += [dict(where=f"reward.{c['option']}", name=path, files=files, what=c["what"], tiny=True), *more]
     return needed
 
 
@@ -149,7 +148,7 @@ def label(args, name=None):
         text = names[learned]
     else:
         c = CHECKPOINTS[learned]
-        path, title = getattr(args, c["option"]), {"videoscore": "VideoScore", "videoreward": "VideoReward"}[learned]
-        text = (f"random tiny {title} ({path}; its scores mean nothing)" if c["is_tiny"](path)
-                else f"{title} ({path})" if learned == "videoreward" else path)
+        path = getattr(args, c["option"])
+        text = (f"random tiny {c['title']} ({path}; its scores mean nothing)" if c["is_tiny"](path)
+                else c["label"].format(path=path))
     return f"mean of {text} and features (weight-free)" if name == "ensemble" else text

@@ -163,9 +163,10 @@ def parse_config(argv, description, sections):
     one a stage), "choices", bounds "min", "max" (inclusive), "gt", "lt" (exclusive), and "input":
     the value names a file, folder or model whose contents the results depend on (`ns._inputs`;
     provenance.py identifies it by them), and "used": a function of the parsed args saying whether
-    the key shapes the results at all (`ns._used`; one that does not is left out of what a step is
-    made from, so an option added later does not make finished steps that never use it stale). A "model" section gets the options of the backend that the
-    CLI or the YAML names; where the backend gives a shared key another default, the key keeps its rule.
+    the key shapes the results at all (`ns._used`; what a step is made from records one that does
+    not as unused, so an option added later does not make finished steps that never use it stale).
+    A "model" section gets the options of the backend that the CLI or the YAML names; where the
+    backend gives a shared key another default, the key keeps its rule.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     pre = argparse.ArgumentParser(add_help=False)

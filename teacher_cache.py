@@ -28,8 +28,9 @@ def settings_key(made):
     """A digest of what makes M0's videos and their scores: the model and reward sections of `made`,
     but for keys the curating reward does not use (a model only evaluate.py's `rewards` reads)."""
     rules, curating = getattr(made, "used", {}), provenance.settings(made, drop=("rewards",))
-    settings = {s: {k: v for k, v in made[s].items() if v != provenance.UNUSED and not (k in rules and not rules[k](curating))}
-                for s in ("model", "reward") if s in made}
+    sections = [s for s in ("model", "reward") if s in made]
+    unused = {k for s in sections for k in made[s] if k in rules and not rules[k](curating)}
+    settings = {s: {k: v for k, v in made[s].items() if v != provenance.UNUSED and k not in unused} for s in sections}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16], settings
 
 

@@ -266,6 +266,16 @@ def base_of(folder, config):
     return name
 
 
+def local_requirements(folder):
+    """For stage.check_models, of a local VideoReward folder: the files it must hold (model_config.json
+    and the model.pth loaded), and its base model's entry."""
+    config = read_config(folder)
+    base = dict(where=f"{os.path.join(folder, 'model_config.json')}: model_config.model_name_or_path",
+                name=base_of(folder, config), files=BASE_FILES,
+                what=f"the base Qwen2-VL of VideoReward ({BASE_DEFAULT})")
+    return ["model_config.json", os.path.relpath(checkpoint_file(folder), folder)], [base]
+
+
 def load_state(path):
     """model.pth, read without running pickled code and without reading it all into memory."""
     try:
@@ -395,7 +405,8 @@ def normalise(values, norm):
 
 
 def download(name_or_path, cache_dir=None):
-    """A local VideoReward folder as it is; a hub id's model_config.json and newest model.pth."""
+    """A local VideoReward folder as it is; a hub id's model_config.json and every checkpoint's
+    model.pth (the release has one; the highest step is loaded)."""
     if os.path.isdir(name_or_path):
         return os.fspath(name_or_path)
     from huggingface_hub import snapshot_download

@@ -25,9 +25,13 @@ from transformers import Idefics2Config, Qwen2VLConfig
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench  # noqa: E402
+import run_cost  # noqa: E402
 import videoreward  # noqa: E402
 import videoreward_tiny  # noqa: E402
 import videoscore  # noqa: E402
+from backends import videocrafter2  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel, UMT5Config, UMT5EncoderModel  # noqa: E402
 
 H100_BF16 = 989e12
 
@@ -113,9 +117,10 @@ def videoscore_model(config):
         return videoscore.Idefics2ForSequenceClassification(Idefics2Config(**json.loads(json.dumps(config))))
 
 
-def videoscore_flops(model, frames, height, width, num_frames=48, text=VIDEOSCORE_TEXT, size=IDEFICS2_SIZE):
-    """(linear, attention) FLOPs of scoring one video: num_frames frames, each through SigLIP at
-    Idefics2's size and the perceiver to image_seq_len tokens."""
+def videoscore_flops(model, frames, height, width, fps=None, num_frames=48, text=VIDEOSCORE_TEXT,
+                     size=IDEFICS2_SIZE):
+    """(linear, attention) FLOPs of scoring one video: num_frames frames, whatever its `fps`, each
+    through SigLIP at Idefics2's size and the perceiver to image_seq_len tokens."""
     n = min(frames, num_frames)
     h, w = idefics2_frame(height, width, size)
     patch = model.config.vision_config.patch_size
@@ -162,26 +167,16 @@ def check_on_tiny():
 def generator_parameters(config):
     """Parameters of what evaluate.py holds of a config's generator: the teacher's denoiser and a
     student's (counted as large as the teacher's: an upper bound), the text encoder and the VAE."""
-    import run_cost
-    from transformers import CLIPTextConfig, CLIPTextModel, UMT5Config, UMT5EncoderModel
-
-    from backends import videocrafter2
-
     _, denoiser = run_cost.full_size_denoiser(config)
     with torch.device("meta"):
         if config == "videocrafter2":
             _, vae, text = videocrafter2.build_models(device="meta")
         elif config == "animatediff":
-            text, vae = CLIPTextModel(CLIPTextConfig(**bench_text())), None
+            text, vae = CLIPTextModel(CLIPTextConfig(**bench.SD15_TEXT)), None
         else:
             text, vae = UMT5EncoderModel(UMT5Config(**UMT5_XXL)), None
     count = lambda m: sum(p.numel() for p in m.parameters()) if m is not None else 0  # noqa: E731
     return {"denoisers": 2 * count(denoiser), "text encoder": count(text), "vae": count(vae)}
-
-
-def bench_text():
-    import bench
-    return bench.SD15_TEXT
 
 
 def main(args):
@@ -197,8 +192,7 @@ def main(args):
     results = {"parameters": sizes, "videos": {}}
     for config, (frames, height, width, fps) in VIDEOS.items():
         for name, count in (("VideoScore-v1.1", videoscore_flops), ("VideoReward", videoreward_flops)):
-            linear, attention = count(models[name], frames, height, width, fps) if name == "VideoReward" else \
-                count(models[name], frames, height, width)
+            linear, attention = count(models[name], frames, height, width, fps)
             total = linear + attention
             results["videos"][f"{config}/{name}"] = {"linear": linear, "attention": attention}
             print(f"| {config} ({frames}, {height}x{width}, {fps}) | {name} | {linear / 1e12:.2f} + "
